@@ -1,0 +1,8 @@
+"""tinycnn: a staged CNN for Tiny ImageNet as timm models, WebDataset shards, GPU-side augmentation.
+
+`import tinycnn` registers the models with timm (`timm.create_model('tinycnn')`).
+"""
+__version__ = "0.1.0"
+
+from .model import TinyCNN  # noqa: F401  (registers the timm models)
+from .weights import load_model, save_model  # noqa: F401
