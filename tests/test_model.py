@@ -1,0 +1,187 @@
+import subprocess
+import sys
+
+import pytest
+import timm
+import torch
+
+import tinycnn
+from tinycnn.model import TinyCNN
+from tinycnn.weights import WeightsError, load_model, read_metadata, save_model
+
+VARIANTS = timm.list_models("tinycnn*")
+
+
+def test_default_model_matches_the_course_project():
+    model = timm.create_model("tinycnn")
+    assert sum(p.numel() for p in model.parameters()) == 1_197_704
+    assert model(torch.randn(2, 3, 64, 64)).shape == (2, 200)
+    # the original's layer sequence: conv-bn-relu x2, pool, x2, pool, x2, avgpool, linear
+    kinds = [type(m).__name__ for m in model.modules()
+             if isinstance(m, (torch.nn.Conv2d, torch.nn.BatchNorm2d, torch.nn.ReLU, torch.nn.MaxPool2d, torch.nn.Linear))]
+    assert kinds == ["Conv2d", "BatchNorm2d", "ReLU"] * 2 + ["MaxPool2d"] + ["Conv2d", "BatchNorm2d", "ReLU"] * 2 + \
+        ["MaxPool2d"] + ["Conv2d", "BatchNorm2d", "ReLU"] * 2 + ["Linear"]
+    assert all(m.bias is None and m.kernel_size == (3, 3) and m.padding == (1, 1)
+               for m in model.modules() if isinstance(m, torch.nn.Conv2d))
+
+
+def test_registered_variants_and_kwargs():
+    assert {"tinycnn", "tinycnn_narrow", "tinycnn_shallow", "tinycnn_deep", "tinycnn_wide"} <= set(VARIANTS)
+    assert timm.create_model("tinycnn_narrow").stage_channels == (48, 96, 192)
+    assert timm.create_model("tinycnn_deep").stage_repeats == (3, 3, 3)
+    m = timm.create_model("tinycnn", num_classes=10, stage_channels=[8, 16, 32, 64], stage_repeats=[1, 2, 1, 1],
+                          in_chans=1, drop_rate=0.1)
+    assert m(torch.randn(3, 1, 64, 64)).shape == (3, 10)
+    assert [f["num_chs"] for f in m.feature_info] == [8, 16, 32, 64]
+    assert m.head.drop.p == 0.1
+    with pytest.raises(ValueError, match="same length"):
+        TinyCNN(stage_channels=(8, 16), stage_repeats=(1,))
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_timm_api(name):
+    model = timm.create_model(name).eval()
+    x = torch.randn(2, 3, 64, 64)
+    feats = model.forward_features(x)
+    assert feats.shape[-2:] == model.pretrained_cfg["pool_size"] and feats.shape[1] == model.num_features
+    assert model.forward_head(feats, pre_logits=True).shape == (2, model.head_hidden_size)
+    assert torch.equal(model.forward_head(feats), model(x))
+    assert model.get_classifier() is model.head.fc
+    out, inter = model.forward_intermediates(x)
+    torch.testing.assert_close(out, feats)
+    assert [t.shape[1] for t in inter] == [f["num_chs"] for f in model.feature_info]
+    assert [64 // t.shape[-1] for t in inter] == [f["reduction"] for f in model.feature_info]
+    model.reset_classifier(7)
+    assert model(x).shape == (2, 7)
+    model.reset_classifier(0, "")
+    assert model(x).shape == feats.shape
+
+
+def test_features_only_and_pruning():
+    fmodel = timm.create_model("tinycnn", features_only=True, out_indices=(1, 2))
+    outs = fmodel(torch.randn(1, 3, 64, 64))
+    assert [o.shape[1:] for o in outs] == [(128, 32, 32), (256, 16, 16)]
+    model = timm.create_model("tinycnn")
+    assert model.prune_intermediate_layers(indices=(1,), prune_head=True) == [1]
+    assert len(model.stages) == 2 and model.num_features == 128
+    assert model(torch.randn(1, 3, 64, 64)).shape == (1, 128)
+
+
+def test_grad_checkpointing_gives_the_same_gradients():
+    x = torch.randn(2, 3, 64, 64)
+    grads = []
+    for ckpt in (False, True):
+        torch.manual_seed(0)
+        model = timm.create_model("tinycnn", num_classes=5)
+        model.set_grad_checkpointing(ckpt)
+        model(x).sum().backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b)
+
+
+def test_group_matcher_splits_stem_blocks_and_head():
+    from timm.models._manipulate import group_parameters
+    model = timm.create_model("tinycnn")
+    groups = group_parameters(model, model.group_matcher())
+    assert len(groups) == 1 + 6  # stem + the other 5 blocks + head
+    assert "stages.0.blocks.0.conv.weight" in groups[0]
+
+
+def test_channels_last_and_compile():
+    torch.manual_seed(0)
+    model = timm.create_model("tinycnn", stage_channels=[8, 16], stage_repeats=[1, 1], num_classes=4).eval()
+    x = torch.randn(2, 3, 64, 64)
+    ref = model(x)
+    cl = model.to(memory_format=torch.channels_last)
+    torch.testing.assert_close(cl(x.to(memory_format=torch.channels_last)), ref, rtol=1e-4, atol=1e-5)
+    compiled = torch.compile(model)
+    torch.testing.assert_close(compiled(x), ref, rtol=1e-4, atol=1e-5)
+
+
+@pytest.fixture
+def trained_like(tmp_path):
+    torch.manual_seed(1)
+    model = timm.create_model("tinycnn_narrow", num_classes=10).eval()
+    with torch.no_grad():  # non-trivial BN statistics, so a forgotten buffer would show
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2)
+    path = tmp_path / "w.safetensors"
+    wnids = [f"n{i:08d}" for i in range(10)]
+    save_model(model, path, classes=wnids, class_names=[f"class {i}" for i in range(10)], extra={"epoch": 3})
+    return model, path, wnids
+
+
+def test_weights_are_self_describing(trained_like):
+    model, path, wnids = trained_like
+    meta = read_metadata(path)
+    assert meta["architecture"] == "tinycnn_narrow" and meta["stage_channels"] == [48, 96, 192]
+    assert meta["stage_repeats"] == [2, 2, 2] and meta["num_classes"] == 10 and meta["in_chans"] == 3
+    assert meta["classes"] == wnids and meta["extra"] == {"epoch": 3}
+    assert meta["mean"] == pytest.approx([0.485, 0.456, 0.406])
+    loaded = load_model(path).eval()
+    assert loaded.pretrained_cfg["label_names"] == tuple(wnids)
+    x = torch.randn(2, 3, 64, 64)
+    assert torch.equal(loaded(x), model(x))
+    with open(path, "rb") as f:
+        assert b"pickle" not in f.read(4096)
+
+
+def test_weights_load_in_a_fresh_process_with_timm_alone(trained_like):
+    model, path, _ = trained_like
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    expected = model(x)
+    # tinycnn must be imported for the name 'tinycnn_narrow' to exist, but nothing else of it is used
+    code = f"""
+import sys, torch, timm, tinycnn
+x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+a = tinycnn.load_model({str(path)!r}).eval()(x)
+b = timm.create_model('tinycnn_narrow', pretrained=True,
+                      pretrained_cfg_overlay=dict(file={str(path)!r}, num_classes=10)).eval()(x)
+torch.save(torch.stack([a, b]), sys.argv[1])
+"""
+    out = path.parent / "logits.pt"
+    subprocess.run([sys.executable, "-c", code, str(out)], check=True)
+    a, b = torch.load(out)
+    assert torch.equal(a, expected) and torch.equal(b, expected)
+
+
+def test_weights_errors(tmp_path, trained_like):
+    _, path, _ = trained_like
+    with pytest.raises(WeightsError, match="no such"):
+        load_model(tmp_path / "missing.safetensors")
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"not a safetensors file at all")
+    with pytest.raises(WeightsError, match="not a safetensors"):
+        load_model(junk)
+    from safetensors.torch import save_file
+    foreign = tmp_path / "foreign.safetensors"
+    save_file({"w": torch.zeros(2)}, str(foreign))
+    with pytest.raises(WeightsError, match="without tinycnn metadata"):
+        load_model(foreign)
+    with pytest.raises(WeightsError, match="10-class model, 200 classes"):
+        load_model(path, num_classes=200)
+    with pytest.raises(WeightsError, match="3 class names"):
+        save_model(timm.create_model("tinycnn", num_classes=10), tmp_path / "x.safetensors", classes=["a", "b", "c"])
+
+
+def test_interrupted_save_keeps_the_old_file(trained_like, monkeypatch):
+    model, path, _ = trained_like
+    before = path.read_bytes()
+
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(tinycnn.weights, "save_file", crash)
+    with pytest.raises(KeyboardInterrupt):
+        save_model(timm.create_model("tinycnn", num_classes=10), path)
+    assert path.read_bytes() == before
+    assert [p.name for p in path.parent.iterdir() if p.name.endswith(".tmp")] == []
+
+
+def test_save_unwraps_compiled_models(tmp_path):
+    model = timm.create_model("tinycnn", stage_channels=[8], stage_repeats=[1], num_classes=3)
+    save_model(torch.compile(model), tmp_path / "c.safetensors")
+    assert set(load_model(tmp_path / "c.safetensors").state_dict()) == set(model.state_dict())
