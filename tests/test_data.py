@@ -1,0 +1,198 @@
+import json
+import subprocess
+import sys
+from collections import Counter
+
+import pytest
+import torch
+import webdataset as wds
+from torchvision.io import encode_jpeg
+
+from tinycnn.data import (DevicePrefetcher, DeviceResidentLoader, ShardError, build_loader, read_manifest,
+                          split_shards)
+
+
+def make_shards(root, num_samples=103, num_shards=5, num_classes=7, corrupt=None):
+    """Synthetic shards in tinycnn-prepare's format: sample i has label i % num_classes, key s<i>,
+    and its index written into pixel (0, 0, 0..1) so tests can tell samples apart after decoding."""
+    root.mkdir(parents=True, exist_ok=True)
+    shards = []
+    per = [len(range(j, num_samples, num_shards)) for j in range(num_shards)]
+    for j in range(num_shards):
+        name = f"train-{j:05d}.tar"
+        with wds.TarWriter(str(root / name)) as w:
+            for i in range(j, num_samples, num_shards):
+                img = torch.full((3, 64, 64), 128, dtype=torch.uint8)
+                jpg = encode_jpeg(img, quality=95).numpy().tobytes()
+                if corrupt == i:
+                    jpg = jpg[: len(jpg) // 3]
+                w.write({"__key__": f"s{i}", "jpg": jpg, "cls": str(i % num_classes), "wnid": f"n{i % num_classes}"})
+        shards.append({"file": name, "num_samples": per[j]})
+    manifest = {"format": "tinycnn-shards", "num_classes": num_classes, "input_shape": [3, 64, 64],
+                "splits": {"train": {"num_samples": num_samples, "shards": shards}}}
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    return root
+
+
+def keys_of(root, split="train", **kw):
+    """Keys in the order a loader yields them, via a loader over (key-carrying) labels."""
+    loader = build_loader(root, split, **kw)
+    labels = [y for _, y in loader]
+    return loader, torch.cat(labels) if labels else torch.empty(0, dtype=torch.int64)
+
+
+@pytest.mark.parametrize("num_shards,consumers", [(5, 1), (5, 2), (5, 5), (3, 4), (2, 7), (64, 6)])
+def test_split_shards_is_an_exact_partition(num_shards, consumers):
+    shards = [(f"s{j}", 10 + j) for j in range(num_shards)]
+    seen = Counter()
+    for c in range(consumers):
+        for part in split_shards(shards, c, consumers):
+            seen.update((part.path, i) for i in range(part.start, part.limit, part.step))
+    assert seen == Counter((f"s{j}", i) for j in range(num_shards) for i in range(10 + j))
+
+
+@pytest.mark.parametrize("world_size,num_workers", [(1, 0), (1, 2), (2, 2), (3, 1), (4, 2)])
+def test_eval_sees_every_sample_once(tmp_path, world_size, num_workers):
+    root = make_shards(tmp_path / "s", num_samples=103, num_shards=5)
+    counts = Counter()
+    total_batches = 0
+    for rank in range(world_size):
+        loader = build_loader(root, "train", batch_size=8, train=False, num_workers=num_workers,
+                              rank=rank, world_size=world_size)
+        batches = list(loader)
+        assert len(batches) == len(loader)
+        total_batches += len(batches)
+        for x, y in batches:
+            assert x.dtype == torch.uint8 and x.shape[1:] == (3, 64, 64) and y.dtype == torch.int64
+            counts.update(y.tolist())
+    # 103 samples, labels i % 7: every sample once means exactly these label counts
+    assert counts == Counter(i % 7 for i in range(103))
+
+
+def test_train_batches_are_equal_per_rank_and_reshuffle(tmp_path):
+    root = make_shards(tmp_path / "s", num_samples=103, num_shards=3)
+    lens = []
+    for rank in range(2):
+        loader = build_loader(root, "train", batch_size=8, train=True, num_workers=2, rank=rank, world_size=2, seed=1)
+        batches = list(loader)
+        assert len(batches) == len(loader) == 103 // 16
+        assert all(x.shape[0] == 8 for x, _ in batches)
+        lens.append(len(batches))
+    assert lens[0] == lens[1]
+    loader = build_loader(root, "train", batch_size=8, train=True, num_workers=0, seed=1)
+    e0 = torch.cat([y for _, y in loader])
+    assert torch.equal(e0, torch.cat([y for _, y in loader]))  # same epoch, same order
+    loader.set_epoch(1)
+    assert not torch.equal(e0, torch.cat([y for _, y in loader]))
+
+
+def test_subset_is_deterministic_and_exact(tmp_path):
+    root = make_shards(tmp_path / "s", num_samples=103, num_shards=5)
+    a = build_loader(root, "train", batch_size=10, train=False, subset=37, num_workers=2)
+    b = build_loader(root, "train", batch_size=10, train=False, subset=37, num_workers=0)
+    ya, yb = torch.cat([y for _, y in a]), torch.cat([y for _, y in b])
+    assert a.num_samples == 37 and len(ya) == len(yb) == 37
+    assert sorted(ya.tolist()) == sorted(yb.tolist())
+    with pytest.raises(ValueError, match="subset of 500"):
+        build_loader(root, "train", batch_size=10, train=False, subset=500)
+
+
+def test_clear_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="tinycnn-prepare"):
+        build_loader(tmp_path / "nowhere", "train", batch_size=4, train=True)
+    root = make_shards(tmp_path / "s", num_samples=20, num_shards=2)
+    with pytest.raises(KeyError, match="no split 'test'"):
+        build_loader(root, "test", batch_size=4, train=False)
+    with pytest.raises(ValueError, match="no full batch"):
+        build_loader(root, "train", batch_size=64, train=True)
+    (root / "train-00001.tar").unlink()
+    with pytest.raises(ShardError, match="missing.*tinycnn-prepare"):
+        build_loader(root, "train", batch_size=4, train=False)
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_corrupt_sample_is_named_or_skipped(tmp_path, num_workers):
+    root = make_shards(tmp_path / "s", num_samples=30, num_shards=3, corrupt=7)
+    with pytest.raises(Exception, match=r"train-00001\.tar, sample s7"):
+        list(build_loader(root, "train", batch_size=4, train=False, num_workers=num_workers))
+    loader = build_loader(root, "train", batch_size=4, train=False, num_workers=num_workers, skip_bad=True)
+    with pytest.warns(UserWarning, match="s7") if num_workers == 0 else _nullcontext():
+        n = sum(len(y) for _, y in loader)
+    assert n == 29 and loader.skipped == 1
+
+
+def _nullcontext():
+    import contextlib
+    return contextlib.nullcontext()
+
+
+def test_truncated_shard_is_an_error_not_a_hang(tmp_path):
+    root = make_shards(tmp_path / "s", num_samples=30, num_shards=3)
+    shard = root / "train-00002.tar"
+    shard.write_bytes(shard.read_bytes()[:5000])
+    with pytest.raises(Exception, match="train-00002.tar"):
+        list(build_loader(root, "train", batch_size=4, train=False, num_workers=2))
+
+
+def test_prefetcher_passes_through_on_cpu(tmp_path):
+    root = make_shards(tmp_path / "s", num_samples=20, num_shards=2)
+    loader = build_loader(root, "train", batch_size=4, train=False, num_workers=0)
+    fetched = list(DevicePrefetcher(loader, "cpu"))
+    assert len(fetched) == len(loader) == 5
+    assert all(x.device.type == "cpu" and x.dtype == torch.uint8 for x, _ in fetched)
+
+
+def test_device_resident_serves_later_epochs_from_memory(tmp_path):
+    root = make_shards(tmp_path / "s", num_samples=50, num_shards=3)
+    base = build_loader(root, "train", batch_size=8, train=False, num_workers=0)
+    resident = DeviceResidentLoader(base, "cpu", num_batches=50 // 8, batch_size=8, seed=0)
+    first = torch.cat([y for _, y in resident])
+    assert len(first) == 48 and resident.images.shape == (50, 3, 64, 64)
+    (root / "train-00000.tar").unlink()  # later epochs must not touch the shards
+    resident.set_epoch(1)
+    second = torch.cat([y for _, y in resident])
+    assert len(second) == 48
+    assert Counter(resident.labels.tolist()) == Counter(i % 7 for i in range(50))
+
+
+def test_device_resident_refuses_when_it_would_not_fit(tmp_path, monkeypatch):
+    root = make_shards(tmp_path / "s", num_samples=20, num_shards=2)
+    base = build_loader(root, "train", batch_size=4, train=False, num_workers=0)
+    monkeypatch.setattr(DeviceResidentLoader, "_free_bytes", lambda self: 1000)
+    with pytest.raises(MemoryError, match="streaming loader"):
+        DeviceResidentLoader(base, "cpu", num_batches=5, batch_size=4)
+
+
+# --- on the real sample -------------------------------------------------------------------------------
+
+@pytest.mark.real_data
+def test_real_test_split_once_with_two_workers(sample_shards):
+    manifest = read_manifest(sample_shards)
+    loader = build_loader(sample_shards, "test", batch_size=64, train=False, num_workers=2)
+    ys = []
+    for x, y in loader:
+        assert x.dtype == torch.uint8 and x.shape[1:] == (3, 64, 64)
+        ys.append(y)
+    ys = torch.cat(ys)
+    assert len(ys) == manifest["splits"]["test"]["num_samples"] == 500
+    assert torch.bincount(ys).tolist() == manifest["splits"]["test"]["class_counts"]
+
+
+@pytest.mark.real_data
+def test_real_eval_equal_across_process_counts(sample_shards):
+    """The 2-process split, each process a real process, together yields exactly the 1-process multiset."""
+    code = """
+import sys, torch
+from tinycnn.data import build_loader
+rank, world = int(sys.argv[2]), int(sys.argv[3])
+loader = build_loader(sys.argv[1], 'val', batch_size=50, train=False, num_workers=2, rank=rank, world_size=world)
+xs = [x.float().mean(dim=(1, 2, 3)) for x, _ in loader]
+print(' '.join(f'{v:.4f}' for v in torch.cat(xs).tolist()))
+"""
+    def run(rank, world):
+        out = subprocess.run([sys.executable, "-c", code, str(sample_shards), str(rank), str(world)],
+                             capture_output=True, text=True, check=True).stdout.split()
+        return out
+    one = run(0, 1)
+    two = run(0, 2) + run(1, 2)
+    assert len(one) == 500 and sorted(one) == sorted(two)
