@@ -1,0 +1,66 @@
+#!/usr/bin/env python
+"""Evaluate a checkpoint on a split of prepared shards: top-1, top-5, loss, per-class accuracy.
+
+    python recipes/evaluate.py --checkpoint checkpoints/recommended/best.safetensors --data shards/tiny-imagenet --split test
+    accelerate launch --num_processes 2 --cpu recipes/evaluate.py --checkpoint ... --split val --json val.json
+
+Each process reads its own part of the split and the sums are all-reduced: every sample is counted
+exactly once, so 1 and N processes give the same numbers.
+"""
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from tinycnn.cli import run_main  # noqa: E402
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", required=True, help="a .safetensors file written by tinycnn")
+    parser.add_argument("--data", default="shards/tiny-imagenet", help="a tinycnn-prepare output folder")
+    parser.add_argument("--split", default="test", help="split to evaluate (default: test)")
+    parser.add_argument("--batch_size", "--batch-size", type=int, default=256, dest="batch_size")
+    parser.add_argument("--num_workers", "--num-workers", type=int, default=None, dest="num_workers",
+                        help="decoding processes per rank (default: the cores, up to 8)")
+    parser.add_argument("--device", default="auto", help="cpu, cuda, mps or auto")
+    parser.add_argument("--mixed_precision", default="no", choices=["no", "bf16", "fp16"])
+    parser.add_argument("--json", help="also write the results to this JSON file")
+    parser.add_argument("--top", type=int, default=5, help="show the N most and least accurate classes")
+    args = parser.parse_args()
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from tinycnn.data import build_loader, read_manifest
+    from tinycnn.evaluation import evaluate_checkpoint
+    from tinycnn.train import make_accelerator
+
+    cfg = {"train": {"device": args.device, "mixed_precision": args.mixed_precision, "grad_accum_steps": 1}}
+    accelerator = make_accelerator(cfg, log=False)
+    results = evaluate_checkpoint(args.checkpoint, args.data, args.split, accelerator=accelerator,
+                                  batch_size=args.batch_size, num_workers=args.num_workers)
+    if accelerator.is_main_process:
+        console = Console()
+        console.print(f"{args.checkpoint} on {args.data} [{args.split}], {results['num_samples']} images: "
+                      f"top-1 {results['accuracy']:.2%}  top-5 {results['top5']:.2%}  loss {results['loss']:.4f}",
+                      highlight=False, markup=False)
+        ranked = sorted(results["per_class"], key=lambda c: -1 if c["accuracy"] is None else c["accuracy"])
+        table = Table(title="per-class accuracy (least and most accurate)")
+        for col in ("class", "wnid", "name", "accuracy", "images"):
+            table.add_column(col)
+        shown = ranked[:args.top] + ranked[-args.top:] if len(ranked) > 2 * args.top else ranked
+        for c in shown:
+            acc = "-" if c["accuracy"] is None else f"{c['accuracy']:.2%}"
+            table.add_row(str(c["index"]), c["wnid"], c["name"][:40], acc, str(c["num_samples"]))
+        console.print(table)
+        if args.json:
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.json).write_text(json.dumps(results, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_main(main))

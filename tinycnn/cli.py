@@ -1,0 +1,71 @@
+"""What the recipes share: the common options, config resolution, the data-prepare step, error printing."""
+import argparse
+import sys
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from .config import ConfigError, load_config
+
+__all__ = ["add_config_args", "config_from_args", "ensure_data", "run_main"]
+
+CONFIG_HELP = """
+Configuration: defaults < --config FILE < --data/--max_epochs < dotted overrides, e.g.
+  train.epochs=5  train.optimizer.lr=0.001  stage_channels=[16,32,64]  augment.enabled=false
+Values are YAML; 1e-5 is a number. Unknown keys are an error naming the closest valid key.
+Keys and defaults: see tinycnn/config.py (DEFAULTS) and recipes/configs/*.yaml.
+"""
+
+
+def add_config_args(parser: argparse.ArgumentParser, default_config: Optional[str] = None):
+    parser.add_argument("--config", default=default_config,
+                        help=f"YAML config file (default: {default_config or 'the built-in defaults'})")
+    parser.add_argument("--data", help="a tinycnn-prepare output folder (overrides data.root)")
+    parser.add_argument("--max_epochs", "--max-epochs", type=int, dest="max_epochs",
+                        help="number of epochs (overrides train.epochs; the original project's flag)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
+
+
+def config_from_args(args: argparse.Namespace, extra: Optional[List[str]] = None) -> Dict[str, Any]:
+    overrides = []
+    if args.data:
+        overrides.append(f"data.root={args.data}")
+    if args.max_epochs:
+        overrides.append(f"train.epochs={args.max_epochs}")
+    return load_config(args.config, [*overrides, *(extra or []), *args.overrides])
+
+
+def ensure_data(cfg: Dict[str, Any], accelerator=None) -> Path:
+    """The shards folder of cfg['data'], prepared first (from data.source, or downloaded) when missing.
+
+    Like torchvision's download=True: one command from a fresh clone to a training run. Under
+    several processes only the main one prepares; the others wait for it.
+    """
+    from .prepare import ensure_prepared
+
+    d = cfg["data"]
+    root = Path(d["root"])
+    if accelerator is None:
+        return ensure_prepared(root, source=d["source"], download=d["download"])
+    with accelerator.main_process_first():
+        if accelerator.is_main_process:
+            ensure_prepared(root, source=d["source"], download=d["download"])
+    return root
+
+
+def run_main(fn) -> int:
+    """Run a recipe's main: print known errors in one red line instead of a traceback, exit 2."""
+    from rich.console import Console
+
+    from .prepare import PrepareError
+
+    try:
+        return fn() or 0
+    except KeyboardInterrupt:
+        Console(stderr=True).print("[red]interrupted[/red]")
+        return 130
+    except (ConfigError, FileNotFoundError, KeyError, ValueError, RuntimeError, MemoryError, PrepareError) as e:
+        if getattr(sys, "_tinycnn_traceback", False):
+            raise
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+        Console(stderr=True).print(f"[bold red]error:[/bold red] {msg}", highlight=False, markup=False)
+        return 2
