@@ -14,7 +14,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from tinycnn.cli import run_main  # noqa: E402
+from tinycnn.cli import relaunch_multi_cpu, run_main  # noqa: E402
 
 
 def main() -> int:
@@ -30,6 +30,7 @@ def main() -> int:
     parser.add_argument("--json", help="also write the results to this JSON file")
     parser.add_argument("--top", type=int, default=5, help="show the N most and least accurate classes")
     args = parser.parse_args()
+    relaunch_multi_cpu()
 
     from rich.console import Console
     from rich.table import Table

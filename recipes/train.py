@@ -16,7 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from tinycnn.cli import CONFIG_HELP, add_config_args, config_from_args, ensure_data, run_main  # noqa: E402
+from tinycnn.cli import CONFIG_HELP, add_config_args, config_from_args, ensure_data, relaunch_multi_cpu, run_main  # noqa: E402
 
 DEFAULT_CONFIG = str(Path(__file__).parent / "configs" / "recommended.yaml")
 
@@ -29,6 +29,7 @@ def main() -> int:
     parser.add_argument("--resume", action="store_true", help="continue the run saved in --output")
     parser.add_argument("--no-download", action="store_true", help="never download data; fail if it is missing")
     args = parser.parse_args()
+    relaunch_multi_cpu()
     cfg = config_from_args(args, ["data.download=false"] if args.no_download else [])
 
     from rich.console import Console

@@ -1,12 +1,13 @@
 """What the recipes share: the common options, config resolution, the data-prepare step, error printing."""
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from .config import ConfigError, load_config
 
-__all__ = ["add_config_args", "config_from_args", "ensure_data", "run_main"]
+__all__ = ["add_config_args", "config_from_args", "ensure_data", "run_main", "relaunch_multi_cpu"]
 
 CONFIG_HELP = """
 Configuration: defaults < --config FILE < --data/--max_epochs < dotted overrides, e.g.
@@ -69,3 +70,38 @@ def run_main(fn) -> int:
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         Console(stderr=True).print(f"[bold red]error:[/bold red] {msg}", highlight=False, markup=False)
         return 2
+
+
+def _accelerate_cpu_processes() -> int:
+    """N when this process was started by `accelerate launch --cpu --num_processes N` (N > 1), else 1."""
+    if os.environ.get("ACCELERATE_USE_CPU", "").lower() != "true" or "WORLD_SIZE" in os.environ:
+        return 1
+    try:
+        with open(f"/proc/{os.getppid()}/cmdline", "rb") as f:
+            parent = [a.decode(errors="replace") for a in f.read().split(b"\0") if a]
+    except OSError:
+        return 1
+    if not any("accelerate" in a for a in parent[:4]):
+        return 1
+    for i, a in enumerate(parent):
+        if a in ("--num_processes", "--num-processes") and i + 1 < len(parent):
+            return int(parent[i + 1])
+        if a.startswith(("--num_processes=", "--num-processes=")):
+            return int(a.split("=", 1)[1])
+    return 1
+
+
+def relaunch_multi_cpu():
+    """Make `accelerate launch --num_processes N --cpu script.py` run N processes.
+
+    accelerate's launcher runs a --cpu job as ONE process whatever --num_processes says (its multi-CPU
+    path needs mpirun). Here the script re-executes itself under torchrun with N processes on one
+    machine; accelerate then sees MULTI_CPU and uses gloo. Other launches are left alone.
+    """
+    n = _accelerate_cpu_processes()
+    if n <= 1:
+        return
+    print(f"accelerate launch --cpu starts one process; starting {n} CPU processes (gloo) with torchrun",
+          file=sys.stderr)
+    os.execv(sys.executable, [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                              "--nproc_per_node", str(n), *sys.argv])
