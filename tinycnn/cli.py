@@ -68,7 +68,8 @@ def run_main(fn) -> int:
         if getattr(sys, "_tinycnn_traceback", False):
             raise
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
-        Console(stderr=True).print(f"[bold red]error:[/bold red] {msg}", highlight=False, markup=False)
+        from rich.markup import escape
+        Console(stderr=True).print(f"[bold red]error:[/bold red] {escape(str(msg))}", highlight=False)
         return 2
 
 
