@@ -327,7 +327,8 @@ def train(cfg: Dict[str, Any], output: Path, *, resume: bool = False, accelerato
                             break
                         step_loss = loss.item()
                         logger.step({"train/loss": step_loss, "lr": scheduler.get_last_lr()[0]}, state["step"])
-                        bar.update(task, info=f"loss {step_loss:.3f}")
+                        rate = seen * world / max(time.perf_counter() - t0, 1e-9)
+                        bar.update(task, info=f"loss {step_loss:.3f}  {rate:,.0f} img/s")
                         if stopping:
                             stop["signal"] = stop["signal"] or "a stop signal on another process"
                             bar.advance(task)
