@@ -120,18 +120,19 @@ def _as_dtype(value: Union[str, torch.dtype]) -> torch.dtype:
     return dtype
 
 
-def _norm_stats(mean: Optional[Sequence[float]], std: Optional[Sequence[float]]):
+def _norm_values(mean: Optional[Sequence[float]], std: Optional[Sequence[float]]):
+    """Validated (mean, std) as two 3-tuples of floats, or None for no normalization."""
     if mean is None and std is None:
         return None
     if mean is None or std is None:
         raise ValueError("mean and std must both be given (or both None for no normalization)")
-    mean_t = torch.as_tensor(mean, dtype=torch.float32).reshape(-1)
-    std_t = torch.as_tensor(std, dtype=torch.float32).reshape(-1)
-    if mean_t.numel() != 3 or std_t.numel() != 3:
-        raise ValueError(f"mean and std need 3 values (one per RGB channel), got {list(mean)} and {list(std)}")
-    if bool((std_t <= 0).any()):
-        raise ValueError(f"std must be positive, got {list(std)}")
-    return mean_t.view(1, 3, 1, 1), std_t.view(1, 3, 1, 1)
+    mean_v = tuple(float(v) for v in (mean.flatten().tolist() if isinstance(mean, torch.Tensor) else mean))
+    std_v = tuple(float(v) for v in (std.flatten().tolist() if isinstance(std, torch.Tensor) else std))
+    if len(mean_v) != 3 or len(std_v) != 3:
+        raise ValueError(f"mean and std need 3 values (one per RGB channel), got {mean_v} and {std_v}")
+    if min(std_v) <= 0:
+        raise ValueError(f"std must be positive, got {std_v}")
+    return mean_v, std_v
 
 
 def _out_format(images: torch.Tensor, channels_last: bool) -> torch.memory_format:
@@ -143,8 +144,8 @@ def _out_format(images: torch.Tensor, channels_last: bool) -> torch.memory_forma
 
 
 def _to_unit_float(images: torch.Tensor) -> torch.Tensor:
-    """uint8 0..255 -> float32 0..1, as torchvision's to_dtype(scale=True)."""
-    return images.to(torch.float32).div_(255.0)
+    """uint8 0..255 -> float32 0..1, exactly as torchvision's to_dtype(scale=True)."""
+    return images.to(torch.float32).mul_(1.0 / 255)
 
 
 def _grayscale(x: torch.Tensor) -> torch.Tensor:
@@ -159,19 +160,20 @@ def _adjust_hue(x: torch.Tensor, hue: torch.Tensor) -> torch.Tensor:
     The same maths as torchvision's adjust_hue (RGB -> HSV, h += hue mod 1, HSV -> RGB), fused:
     with v = max, delta = max - min (= v * s), channel n of the result is
     ``v - delta * clamp(min(k, 4 - k), 0, 1)`` with ``k = (n + 6 h) mod 6`` and n = 5, 3, 1 for
-    R, G, B.  Gray pixels (delta = 0) come back unchanged, as in torchvision."""
+    R, G, B (the textbook HSV -> RGB formula; torchvision's sector table gives the same values).  Gray pixels (delta = 0) come back unchanged, as in torchvision."""
     r, g, b = x.unbind(dim=1)
     maxc = torch.amax(x, dim=1)
-    minc = torch.amin(x, dim=1)
-    delta = maxc - minc
-    d = torch.where(delta == 0, torch.ones_like(delta), delta)
-    h6 = torch.where(maxc == r, (g - b) / d,
-                     torch.where(maxc == g, (b - r) / d + 2.0, (r - g) / d + 4.0))
-    h6 = torch.remainder(h6 + hue.view(-1, 1, 1) * 6.0, 6.0).unsqueeze(1)
-    n = torch.tensor([5.0, 3.0, 1.0], dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
-    k = torch.remainder(h6 + n, 6.0)
-    w = torch.clamp(torch.minimum(k, 4.0 - k), 0.0, 1.0)
-    return maxc.unsqueeze(1) - delta.unsqueeze(1) * w
+    delta = maxc - torch.amin(x, dim=1)
+    is_r = maxc == r
+    is_g = maxc == g
+    # h6 = 6 * hue in [-1, 5]: (g - b) / delta where max = r, else (b - r) / delta + 2 where max = g,
+    # else (r - g) / delta + 4 (torchvision's priority r, g, b); delta = 0 -> 0 (s = 0, hue irrelevant)
+    h6 = torch.where(is_r, g - b, torch.where(is_g, (b - r).add_(delta, alpha=2.0), (r - g).add_(delta, alpha=4.0)))
+    h6 = h6.div_(delta.masked_fill(delta == 0, 1.0)).add_(hue.view(-1, 1, 1), alpha=6.0)
+    n = torch.arange(5.0, 0.0, -2.0, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)   # 5, 3, 1 (no H2D copy)
+    k = (h6.unsqueeze(1) + n).remainder_(6.0)                       # the "mod 1" of the hue happens here
+    w = k.sub_(2.0).abs_().neg_().add_(2.0).clamp_(0.0, 1.0)        # min(k, 4 - k) clamped to [0, 1]
+    return w.mul_(delta.unsqueeze(1)).neg_().add_(maxc.unsqueeze(1))
 
 
 # ----------------------------------------------------------------------------- eval / normalize
@@ -185,12 +187,12 @@ def eval_transform(images: torch.Tensor, mean: Optional[Sequence[float]] = IMAGE
     ``channels_last=True``.  For a hot loop prefer :class:`EvalTransform` (stats kept on the device)
     or :meth:`GPUAugment.eval_transform`."""
     _check_images(images)
-    stats = _norm_stats(mean, std)
+    stats = _norm_values(mean, std)
     fmt = _out_format(images, channels_last)
     x = _to_unit_float(images)
     if stats is not None:
-        m, s = (t.to(images.device) for t in stats)
-        x = x.sub_(m).div_(s)
+        for c, (m, s) in enumerate(zip(*stats)):
+            x[:, c].sub_(m).div_(s)                                     # python scalars: no H2D copy
     return x.to(_as_dtype(out_dtype)).contiguous(memory_format=fmt)
 
 
@@ -200,11 +202,11 @@ class EvalTransform(nn.Module):
     def __init__(self, mean: Optional[Sequence[float]] = IMAGENET_MEAN, std: Optional[Sequence[float]] = IMAGENET_STD,
                  out_dtype: Union[str, torch.dtype] = torch.float32, channels_last: bool = False):
         super().__init__()
-        stats = _norm_stats(mean, std)
+        stats = _norm_values(mean, std)
         self.normalize = stats is not None
-        m, s = stats if stats is not None else (torch.zeros(1, 3, 1, 1), torch.ones(1, 3, 1, 1))
-        self.register_buffer("mean", m, persistent=False)
-        self.register_buffer("std", s, persistent=False)
+        m, s = stats if stats is not None else ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
+        self.register_buffer("mean", torch.tensor(m, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(s, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
         self.out_dtype = _as_dtype(out_dtype)
         self.channels_last = bool(channels_last)
 
@@ -375,61 +377,70 @@ class GPUAugment(EvalTransform):
         return x.reshape(B, C, Hp * Wp).gather(2, idx).view(B, C, H, W)
 
     def _slot_plan(self, params: Mapping[str, torch.Tensor]):
-        """Per-sample schedule of the blend-type ops (brightness, contrast, saturation) around one hue step.
+        """Schedule the blend-type ops (brightness, contrast, saturation) of every sample around one hue step.
 
-        Every sample gets hue exactly once, so the hue (the costly op) runs once for the whole batch:
-        each sample's blend ops before its hue go in the slots just before the hue step, the ones after
-        in the slots just after.  Returns (n_pre_slots, factors (B, n_slots), op ids (B, n_slots) with
-        -1 = nothing in that slot)."""
+        Every sample runs the hue exactly once, so the hue (the costly op) runs once for the whole batch:
+        a sample's n_pre blend ops before its hue go, in its order, to the slots just before the hue
+        step, the others to the slots just after.  With n enabled blend ops that is 2n slots (n without
+        hue); a slot a sample doesn't use gets factor 1 (identity).  Returns (hue_at: the number of
+        slots before the hue step, factors (B, n_slots), and the per-slot blend weights (1 - f) of the
+        grayscale (saturation) and of its mean (contrast): (B, n_slots), or None when that op is off)."""
         ops = self._blend_ops
         n = len(ops)
         order = params["jitter_order"]
-        B = order.shape[0]
+        B, dev = order.shape[0], order.device
         pos = order.argsort(dim=1)                                      # pos[b, j]: position of op j
-        pos_e = pos[:, list(ops)]                                       # (B, n)
-        rank = (pos_e.unsqueeze(1) < pos_e.unsqueeze(2)).sum(dim=2)     # rank among the enabled blend ops
+        pos_e = torch.stack([pos[:, j] for j in ops], dim=1)           # (B, n); no index tensor (H2D copy)
+        rank = (pos_e.unsqueeze(1) < pos_e.unsqueeze(2)).sum(dim=2)     # order among the enabled blend ops
         if self._hue_on:
-            # n_pre ops before the hue (ranks 0..n_pre-1) -> slots n-n_pre..n-1, the rest -> slots n..2n-1-n_pre
+            # ranks 0..n_pre-1 (before the hue) -> slots n-n_pre..n-1; ranks n_pre..n-1 -> slots n..2n-1-n_pre
             n_pre = (pos_e < pos[:, HUE:HUE + 1]).sum(dim=1, keepdim=True)
             slot = rank + (n - n_pre)
-            n_slots, hue_at = 2 * n, n
+            n_slots = 2 * n
         else:
             slot = rank
-            n_slots, hue_at = n, n
-        op_at = torch.full((B, n_slots + 1), n, dtype=torch.long, device=order.device)
-        op_at.scatter_(1, slot, torch.arange(n, device=order.device).expand(B, n))
-        op_at = op_at[:, :n_slots]                                      # index into ops, n = empty
-        table = torch.stack([params[JITTER_OPS[j]].float() for j in ops] + [torch.ones(B, device=order.device)], 1)
-        factors = table.gather(1, op_at)
-        op_ids = torch.tensor(list(ops) + [-1], device=order.device)[op_at]
-        return hue_at, factors, op_ids
+            n_slots = n
+        which = torch.full((B, n_slots), n, dtype=torch.long, device=dev)  # index into ops; n = empty slot
+        which.scatter_(1, slot, torch.arange(n, device=dev).expand(B, n))
+        table = torch.stack([params[JITTER_OPS[j]].float() for j in ops] + [torch.ones(B, device=dev)], dim=1)
+        factors = table.gather(1, which)
+        # blend weights (1 - f) of the grayscale image (saturation) and of its mean (contrast), 0 elsewhere
+        one_minus = 1.0 - factors
+        sat = one_minus * (which == ops.index(SATURATION)) if SATURATION in ops else None
+        con = one_minus * (which == ops.index(CONTRAST)) if CONTRAST in ops else None
+        return n, factors, sat, con
 
     def _jitter(self, x: torch.Tensor, params: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """The colour ops on x (B, 3, H, W) float in [0, 1], in each sample's order.
+
+        Each slot is torchvision's _blend, ``clamp(x * f + target * (1 - f), 0, 1)``, with target 0
+        (brightness), the image's mean gray (contrast) or its grayscale (saturation); f = 1 in an
+        empty slot."""
         B = x.shape[0]
-        ops = self._blend_ops
-        if ops:
-            hue_at, factors, op_ids = self._slot_plan(params)
+        sat = con = None
+        if self._blend_ops:
+            hue_at, factors, sat, con = self._slot_plan(params)
             n_slots = factors.shape[1]
         else:
             hue_at, n_slots = 0, 0
-        need_gray = CONTRAST in ops or SATURATION in ops
         for t in range(n_slots + 1):
             if t == hue_at and self._hue_on:
                 x = _adjust_hue(x, params["hue"].to(x.dtype))
             if t == n_slots:
                 break
             f = factors[:, t].to(x.dtype).view(B, 1, 1, 1)
-            if need_gray:
+            if sat is None and con is None:
+                x = x * f
+            else:
                 gray = _grayscale(x)
-                target = torch.zeros_like(gray)
-                if SATURATION in ops:
-                    target = torch.where((op_ids[:, t] == SATURATION).view(B, 1, 1, 1), gray, target)
-                if CONTRAST in ops:
-                    mean = gray.mean(dim=(1, 2, 3), keepdim=True)
-                    target = torch.where((op_ids[:, t] == CONTRAST).view(B, 1, 1, 1), mean, target)
-                x = (x * f + target * (1.0 - f)).clamp_(0.0, 1.0)
-            else:                                                       # brightness only: blend with 0
-                x = (x * f).clamp_(0.0, 1.0)
+                target = None
+                if con is not None:
+                    target = gray.mean(dim=(1, 2, 3), keepdim=True) * con[:, t].to(x.dtype).view(B, 1, 1, 1)
+                if sat is not None:
+                    w = sat[:, t].to(x.dtype).view(B, 1, 1, 1)
+                    target = gray * w if target is None else torch.addcmul(target, gray, w)
+                x = torch.addcmul(target, x, f)
+            x = x.clamp_(0.0, 1.0)
         return x
 
     def apply(self, images: torch.Tensor, params: Mapping[str, torch.Tensor]) -> torch.Tensor:
