@@ -17,7 +17,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from tinycnn.cli import CONFIG_HELP, add_config_args, config_from_args, ensure_data, run_main  # noqa: E402
+from tinycnn.cli import (CONFIG_HELP, add_config_args, config_from_args, ensure_data,  # noqa: E402
+                         relaunch_multi_cpu, run_main)
 
 DEFAULT_CONFIG = str(Path(__file__).parent / "configs" / "checks.yaml")
 
@@ -34,7 +35,8 @@ def main() -> int:
     parser.add_argument("--loss_tolerance", "--loss-tolerance", type=float, default=None, dest="loss_tolerance",
                         help="flag the initial loss when it is further than this from ln(num_classes) (default: 0.5)")
     parser.add_argument("--no-download", action="store_true", help="never download data; fail if it is missing")
-    args = parser.parse_args()
+    args = parser.parse_intermixed_args()
+    relaunch_multi_cpu()
     cfg = config_from_args(args, ["data.download=false"] if args.no_download else [])
 
     from rich.console import Console

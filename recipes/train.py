@@ -28,7 +28,7 @@ def main() -> int:
     parser.add_argument("--output", help="run folder (default: checkpoints/<run-name>)")
     parser.add_argument("--resume", action="store_true", help="continue the run saved in --output")
     parser.add_argument("--no-download", action="store_true", help="never download data; fail if it is missing")
-    args = parser.parse_args()
+    args = parser.parse_intermixed_args()
     relaunch_multi_cpu()
     cfg = config_from_args(args, ["data.download=false"] if args.no_download else [])
 

@@ -199,8 +199,11 @@ def _save_yaml(path: Path, data: Dict[str, Any]):
 
 
 def train(cfg: Dict[str, Any], output: Path, *, resume: bool = False, accelerator: Optional[Accelerator] = None,
-          progress: bool = True) -> Dict[str, Any]:
-    """Train per `cfg` into `output`; returns a summary (best val accuracy, epochs, steps, ...)."""
+          progress: bool = True, end_training: bool = True) -> Dict[str, Any]:
+    """Train per `cfg` into `output`; returns a summary (best val accuracy, epochs, steps, ...).
+
+    end_training=False keeps the process group for callers that train more runs (grid search).
+    """
     t, output = cfg["train"], Path(output)
     output.mkdir(parents=True, exist_ok=True)
     accelerator = accelerator or make_accelerator(cfg, output)
@@ -372,7 +375,11 @@ def train(cfg: Dict[str, Any], output: Path, *, resume: bool = False, accelerato
             save_weights("last.safetensors", {"epoch": epoch + 1, "step": state["step"]})
             save_state("epoch")
             accelerator.print(_epoch_line(record))
-    accelerator.end_training()
+    if end_training:
+        accelerator.end_training()
+    else:  # only close this run's trackers: accelerator.end_training would destroy the process group
+        for tracker in accelerator.trackers:
+            tracker.finish()
     summary = {"output": str(output), "steps": state["step"], "total_steps": total_steps, "epochs": state["epoch"],
                "best_accuracy": state["best_accuracy"], "best_epoch": state["best_epoch"], "history": history,
                "stopped": summary_stop}

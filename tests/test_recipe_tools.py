@@ -1,0 +1,469 @@
+"""The workflow's tools before and around training: checks (step 1), LR finder (step 3), grid search (step 4).
+
+Pure helpers are tested on synthetic inputs; the recipes end to end on the real 10-class sample
+(`sample_shards`) with a 2-stage 8/16-channel model and a handful of steps.
+"""
+import csv
+import importlib.util
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from torchvision.io import ImageReadMode, decode_png, read_file
+
+from tinycnn import grid
+from tinycnn.checks import (CheckError, baselines, check_batch_shape, gradient_check, grid_size, initial_loss,
+                            save_augment_grid)
+from tinycnn.augment import GPUAugment
+from tinycnn.config import load_config
+from tinycnn.lr_finder import find_lr, lr_sweep, plot_lr_finder, smooth_losses, stop_check, suggest_lr
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = ["stage_channels=[8,16]", "stage_repeats=[1,1]", "train.batch_size=32", "data.num_workers=0"]
+
+
+def load_recipe(name):
+    spec = importlib.util.spec_from_file_location(f"recipe_{name}", REPO / "recipes" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def run_recipe(name, args, monkeypatch):
+    monkeypatch.setattr(sys, "argv", [f"recipes/{name}.py", *map(str, args)])
+    return load_recipe(name).main()
+
+
+def read_png(path):
+    data = read_file(str(path))
+    assert bytes(data[:8].tolist()) == b"\x89PNG\r\n\x1a\n"
+    return decode_png(data, mode=ImageReadMode.RGB)  # (3, H, W) uint8
+
+
+# ============================================================================= pure helpers: grid search
+
+def test_run_names_and_number_formats():
+    assert grid.run_name(34, 0.002, 1e-4, [64, 128, 256], [2, 2, 2]) == "gs_034_lr=0.002_wd=1e-4_ch=64-128-256_rep=2-2-2"
+    assert grid.run_name(7, 1e-5, 0, (8,), (1,)) == "gs_007_lr=1e-5_wd=0_ch=8_rep=1"
+    assert [grid.format_wd(v) for v in (1e-4, 1e-5, 0, 0.0, 5e-4, 0.05, 2.5e-6)] == \
+        ["1e-4", "1e-5", "0", "0", "5e-4", "0.05", "2.5e-6"]
+    assert [grid.format_lr(v) for v in (0.002, 0.001, 0.005, 0.0005, 1e-5, 0.1)] == \
+        ["0.002", "0.001", "0.005", "0.0005", "1e-5", "0.1"]
+
+
+def test_grid_plan_is_the_product_in_order():
+    cfg = load_config()  # the default grid: 3 lr x 2 wd x 2 widths x 3 depths
+    plan = grid.grid_plan(cfg)
+    assert len(plan) == 36 and [r.index for r in plan] == list(range(36))
+    assert len({r.name for r in plan}) == 36
+    assert plan[0].name == "gs_000_lr=0.001_wd=1e-5_ch=48-96-192_rep=1-1-1"
+    # stage_repeats varies fastest, then stage_channels, weight_decay, lr
+    assert plan[1].stage_repeats == (2, 2, 2) and plan[1].lr == 0.001
+    assert plan[3].stage_channels == (64, 128, 256) and plan[3].stage_repeats == (1, 1, 1)
+    assert plan[6].weight_decay == 1e-4 and plan[6].lr == 0.001
+    assert plan[12].lr == 0.002 and plan[12].weight_decay == 1e-5
+    assert plan[34].name == "gs_034_lr=0.005_wd=1e-4_ch=64-128-256_rep=2-2-2"
+    run_cfg = grid.run_config(cfg, plan[34])
+    assert run_cfg["train"]["optimizer"]["lr"] == 0.005 and run_cfg["train"]["optimizer"]["weight_decay"] == 1e-4
+    assert run_cfg["stage_channels"] == [64, 128, 256] and run_cfg["stage_repeats"] == [2, 2, 2]
+    assert run_cfg["train"]["epochs"] == 3 and run_cfg["run_name"] == plan[34].name
+    assert cfg["train"]["optimizer"]["lr"] == 0.003  # the base config is left alone
+
+
+def test_grid_plan_rejects_bad_grids():
+    with pytest.raises(ValueError, match="different numbers of stages"):
+        grid.grid_plan(load_config(overrides=["grid.stage_channels=[[8,16,32]]", "grid.stage_repeats=[[1,1]]"]))
+    with pytest.raises(ValueError, match="grid.lr"):
+        grid.grid_plan(load_config(overrides=["grid.lr=[]"]))
+    with pytest.raises(ValueError, match="grid.epochs"):
+        grid.grid_plan(load_config(overrides=["grid.epochs=0"]))
+    # one width written flat is one option
+    plan = grid.grid_plan(load_config(overrides=["grid.stage_channels=[8,16]", "grid.stage_repeats=[[1,1]]",
+                                                 "grid.lr=0.01", "grid.weight_decay=[0]"]))
+    assert [r.name for r in plan] == ["gs_000_lr=0.01_wd=0_ch=8-16_rep=1-1"]
+
+
+def test_parts_split_the_plan_and_child_arguments():
+    plan = grid.grid_plan(load_config())
+    assert grid.parse_part("1/4") == (1, 4)
+    for bad in ("4/4", "-1/2", "1", "a/b", "0/0"):
+        with pytest.raises(ValueError, match="i/N"):
+            grid.parse_part(bad)
+    parts = [grid.select_part(plan, (i, 4)) for i in range(4)]
+    assert sorted(r.index for p in parts for r in p) == list(range(36))
+    assert [r.index for r in parts[1]] == list(range(1, 36, 4))
+    assert grid.select_part(plan, None) == plan
+    argv = ["--gpus", "0,1", "--output", "o", "--part=1/2", "--gpus=2", "grid.epochs=1", "--part", "0/3"]
+    assert grid.child_argv(argv) == ["--output", "o", "grid.epochs=1"]
+
+
+def _result(index, acc, loss, status="finished"):
+    return {"index": index, "name": f"gs_{index:03d}", "lr": 0.001 * (index + 1), "weight_decay": 1e-4,
+            "stage_channels": [8, 16], "stage_repeats": [1, 1], "num_parameters": 100, "val_accuracy": acc,
+            "val_loss": loss, "best_epoch": 1, "epochs": 1, "final_train_loss": 2.0, "status": status}
+
+
+def test_sort_results_and_tables(tmp_path):
+    results = [_result(0, 0.30, 1.5), _result(1, None, None, "diverged"), _result(2, 0.50, 1.2),
+               _result(3, 0.30, 1.4), _result(4, 0.10, 2.0)]
+    ranked = grid.sort_results(results)
+    assert [r["index"] for r in ranked] == [2, 3, 0, 4, 1]  # accuracy, then lower loss, no result last
+    assert [r["rank"] for r in ranked] == [1, 2, 3, 4, 5]
+    paths = grid.write_results(results, tmp_path, meta={"title": "t"})
+    rows = list(csv.DictReader(paths["csv"].open()))
+    assert [int(r["index"]) for r in rows] == [2, 3, 0, 4, 1]
+    assert rows[0]["stage_channels"] == "8-16" and rows[-1]["val_accuracy"] == ""
+    md = paths["md"].read_text().splitlines()
+    table = [line for line in md if line.startswith("| ") and "gs_" in line]
+    assert [line.split("|")[2].strip() for line in table] == ["gs_002", "gs_003", "gs_000", "gs_004", "gs_001"]
+    assert "50.00%" in table[0] and "1.2000" in table[0]
+    data = json.loads(paths["json"].read_text())
+    assert data["best"]["index"] == 2 and data["num_runs"] == 5
+
+
+def test_run_status_reads_metrics(tmp_path):
+    manifest = {"num_classes": 10, "splits": {"train": {"num_samples": 100}}}
+    cfg = load_config(overrides=["train.batch_size=10", f"data.root={tmp_path}"])
+    run = grid.grid_plan(load_config(overrides=["grid.lr=[0.01]", "grid.weight_decay=[0]", "grid.epochs=2",
+                                                "grid.stage_channels=[[8]]", "grid.stage_repeats=[[1]]"]))[0]
+    cfg["grid"]["epochs"] = 2
+    run_cfg = grid.run_config(cfg, run)
+    assert grid.expected_steps(run_cfg, manifest) == (2, 20)
+    d = tmp_path / run.name
+    assert grid.run_status(d, run_cfg, manifest) == "new"
+    d.mkdir()
+    (d / "config.yaml").write_text(yaml.safe_dump(run_cfg))
+    (d / "metrics.jsonl").write_text(json.dumps({"epoch": 1, "step": 10, "val/accuracy": 0.2, "val/loss": 2.0}) + "\n")
+    assert grid.run_status(d, run_cfg, manifest) == "new"  # one of two epochs, nothing to resume
+    (d / "state").mkdir()
+    (d / "state" / "progress.json").write_text("{}")
+    assert grid.run_status(d, run_cfg, manifest) == "partial"
+    with open(d / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({"epoch": 2, "step": 20, "val/accuracy": 0.4, "val/loss": 1.5, "train/loss": 1.7}) + "\n")
+        f.write('{"epoch": 3, "st')  # a torn line is ignored
+    assert grid.run_status(d, run_cfg, manifest) == "finished"
+    assert grid.expected_steps(run_cfg, manifest, world_size=2) == (2, 10)  # 2 processes: 5 steps an epoch
+    assert grid.expected_steps({**run_cfg, "train": {**run_cfg["train"], "max_steps": 25}}, manifest) == (3, 25)
+    # a setting that does not change the result keeps it finished; one that does makes it another run
+    assert grid.run_status(d, {**run_cfg, "data": {**run_cfg["data"], "num_workers": 7}}, manifest) == "finished"
+    other = grid.run_config(load_config(overrides=["train.batch_size=10", f"data.root={tmp_path}", "train.seed=1"]), run)
+    other["train"]["epochs"] = 2
+    assert grid.run_status(d, other, manifest) == "changed"
+    r = grid.run_result(run, d, "finished")
+    assert (r["val_accuracy"], r["val_loss"], r["best_epoch"], r["epochs"]) == (0.4, 1.5, 2, 2)
+
+
+# ============================================================================= pure helpers: LR finder
+
+def test_lr_sweep_and_smoothing():
+    lrs = lr_sweep(1e-6, 1.0, 100)
+    assert len(lrs) == 100 and lrs[0] == pytest.approx(1e-6) and lrs[-1] == pytest.approx(1.0)
+    ratios = [b / a for a, b in zip(lrs, lrs[1:])]
+    assert max(ratios) == pytest.approx(min(ratios)) and ratios[0] == pytest.approx(10 ** (6 / 99))
+    assert smooth_losses([3.0, 3.0, 3.0], 0.98) == pytest.approx([3.0, 3.0, 3.0])  # bias-corrected
+    s = smooth_losses([4.0, 2.0], 0.5)
+    assert s == pytest.approx([4.0, (0.25 * 4 + 0.5 * 2) / 0.75])
+
+
+def test_suggest_lr_on_a_synthetic_curve():
+    lrs = lr_sweep(1e-5, 1.0, 101)  # 20 points per decade
+    curve = [2.0 - math.tanh(2 * (math.log10(lr) + 3)) for lr in lrs]  # steepest at 1e-3
+    assert suggest_lr(lrs, curve) == pytest.approx(1e-3, rel=1e-6)
+    # a steeper drop among the first points is ignored (skip_start), a later one is found
+    early = list(curve)
+    early[1] -= 3.0
+    assert suggest_lr(lrs, early, skip_start=0) == pytest.approx(lrs[0])
+    assert suggest_lr(lrs, early, skip_start=5) == pytest.approx(1e-3, rel=1e-6)
+    assert suggest_lr(lrs, early) == pytest.approx(1e-3, rel=1e-6)  # default: the first tenth is skipped
+    # non-finite points are dropped, not chosen
+    with_nan = list(curve)
+    with_nan[70] = float("nan")
+    assert suggest_lr(lrs, with_nan) == pytest.approx(1e-3, rel=1e-6)
+    assert suggest_lr(lrs, [1.0 + i for i in range(101)]) is None  # never falls
+    assert suggest_lr(lrs[:3], curve[:3]) is None  # too few points
+
+
+def test_stop_check():
+    assert stop_check(2.0, 2.1, 2.0, 4.0, 0.1) is None
+    assert stop_check(9.0, 8.1, 2.0, 4.0, 0.1).startswith("smoothed loss 8.100 > 4 x best 2.000")
+    assert stop_check(9.0, 7.9, 2.0, 4.0, 0.1) is None
+    assert stop_check(float("nan"), 2.0, 2.0, 4.0, 0.1).startswith("loss is nan")
+    assert stop_check(2.0, float("inf"), 2.0, 4.0, 0.1).startswith("loss is")
+
+
+def test_plot_needs_matplotlib(tmp_path, monkeypatch, capsys):
+    result = {"points": [{"step": i, "lr": 10.0 ** (i - 5), "loss": 2.0, "smoothed_loss": 2.0} for i in range(5)],
+              "min_lr": 1e-5, "max_lr": 0.1, "suggested_lr": 1e-3}
+    assert read_png(plot_lr_finder(result, tmp_path / "a.png")).shape[0] == 3
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)  # as if not installed
+    assert plot_lr_finder(result, tmp_path / "b.png") is None
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and 'pip install "tinycnn[report]"' in err
+    assert not (tmp_path / "b.png").exists()
+
+
+# ============================================================================= pure helpers: checks
+
+def test_check_batch_shape():
+    manifest = {"num_classes": 10, "input_shape": [3, 64, 64]}
+    ok = check_batch_shape((torch.zeros(4, 3, 64, 64, dtype=torch.uint8), torch.tensor([0, 1, 9, 2])), manifest)
+    assert ok["batch_shape"] == [4, 3, 64, 64] and ok["input_shape"] == [3, 64, 64]
+    with pytest.raises(CheckError, match=r"input_shape \[3, 64, 64\]"):
+        check_batch_shape((torch.zeros(4, 3, 32, 32, dtype=torch.uint8), torch.zeros(4, dtype=torch.int64)), manifest)
+    with pytest.raises(CheckError, match="uint8"):
+        check_batch_shape((torch.zeros(4, 3, 64, 64), torch.zeros(4, dtype=torch.int64)), manifest)
+    with pytest.raises(CheckError, match="labels in"):
+        check_batch_shape((torch.zeros(2, 3, 64, 64, dtype=torch.uint8), torch.tensor([0, 10])), manifest)
+    with pytest.raises(CheckError, match="one per image"):
+        check_batch_shape((torch.zeros(2, 3, 64, 64, dtype=torch.uint8), torch.tensor([0])), manifest)
+
+
+def test_baselines_on_imbalanced_labels():
+    manifest = {"num_classes": 4, "classes": [{"wnid": f"n{i}"} for i in range(4)]}
+    train = torch.tensor([0] * 5 + [2] * 9 + [3] * 1)
+    val = torch.tensor([0] * 10 + [2] * 30 + [1] * 60)
+    b = baselines(manifest, train, val, seed=0)
+    assert b["majority_class"]["class"] == 2 and b["majority_class"]["wnid"] == "n2"
+    assert b["majority_class"]["accuracy"] == pytest.approx(0.3)
+    assert b["uniform_random"]["expected"] == 0.25
+    assert b == baselines(manifest, train, val, seed=0)  # seeded
+    big = torch.arange(4).repeat(5000)
+    assert baselines(manifest, train, big, seed=1)["uniform_random"]["accuracy"] == pytest.approx(0.25, abs=0.02)
+
+
+def test_initial_loss_and_gradient_flags():
+    labels = torch.tensor([0, 1, 2, 3])
+    assert initial_loss(torch.zeros(4, 200), labels)["observed"] == pytest.approx(math.log(200))
+    assert initial_loss(torch.zeros(4, 200), labels)["expected"] == pytest.approx(5.2983, abs=1e-4)
+    assert initial_loss(torch.zeros(4, 200), labels)["ok"]
+    assert not initial_loss(torch.randn(4, 200, generator=torch.Generator().manual_seed(0)) * 20, labels)["ok"]
+
+    class Unused(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.used, self.unused = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
+
+        def forward(self, x):
+            return self.used(x)
+
+    m = Unused()
+    m(torch.randn(5, 3)).sum().backward()
+    g = gradient_check(m)
+    assert not g["all_nonzero"] and g["num_params_with_zero_grad"] == 2
+    assert g["params_with_zero_grad"] == ["unused.weight", "unused.bias"] and not g["ok"]
+    m.zero_grad(set_to_none=True)
+    (m(torch.randn(5, 3)).sum() + 0.0 * m.unused.weight.sum()).backward()  # a gradient, all zeros
+    g = gradient_check(m)
+    assert m.unused.weight.grad is not None and g["params_with_zero_grad"] == ["unused.weight", "unused.bias"]
+    m.zero_grad(set_to_none=True)
+    (m(torch.randn(5, 3)).sum() + m.unused(torch.randn(5, 3)).sum()).backward()
+    assert gradient_check(m)["all_nonzero"] and gradient_check(m)["ok"]
+
+
+def test_augment_grid_layout_and_denormalization(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (5, 3, 64, 64), dtype=torch.uint8, generator=g)
+    # no random ops: the "augmented" rows, denormalized, must give back the originals
+    path = save_augment_grid(images, GPUAugment.from_config({"enabled": False}), tmp_path / "grid.png", nrow=3)
+    png = read_png(path)
+    assert (png.shape[2], png.shape[1]) == grid_size(5, nrow=3) == (3 * 66 + 2, 4 * 66 + 2)
+    def tile(row, col):
+        return png[:, 2 + row * 66:2 + row * 66 + 64, 2 + col * 66:2 + col * 66 + 64].int()
+    assert (tile(0, 0) - images[0].int()).abs().max() <= 1  # originals
+    assert (tile(1, 0) - images[0].int()).abs().max() <= 1  # the same image below it, denormalized
+    assert (tile(3, 1) - images[4].int()).abs().max() <= 1  # second block: image 4, augmented row
+    assert tile(3, 2).abs().max() == 0  # padding of the short last row
+    flipped = save_augment_grid(images, GPUAugment(crop_padding=0, flip_p=1.0, brightness=0, contrast=0, saturation=0,
+                                                   hue=0), tmp_path / "flip.png", nrow=3)
+    png = read_png(flipped)
+    assert (tile(1, 0) - images[0].flip(-1).int()).abs().max() <= 1
+
+
+# ============================================================================= real sample: checks
+
+def test_checks_recipe_on_sample(sample_shards, tmp_path, monkeypatch):
+    out = tmp_path / "checks"
+    rc = run_recipe("checks", ["--data", sample_shards, "--output", out, "--num_images", 12, "--nrow", 6, *TINY],
+                    monkeypatch)
+    assert rc == 0  # every check passed
+    r = json.loads((out / "checks.json").read_text())
+    assert r["splits"]["train"]["num_samples"] == 4500 and r["splits"]["val"]["num_samples"] == 500
+    assert (r["splits"]["train"]["min_per_class"], r["splits"]["train"]["mean_per_class"],
+            r["splits"]["train"]["max_per_class"]) == (450, 450.0, 450)
+    assert r["batch_shape"] == [32, 3, 64, 64] and r["input_shape"] == [3, 64, 64]
+    assert r["initial_loss"]["expected"] == pytest.approx(math.log(10))
+    assert abs(r["initial_loss"]["observed"] - math.log(10)) < 0.5
+    assert r["baselines"]["majority_class"]["accuracy"] == pytest.approx(0.1)  # balanced sample
+    assert r["baselines"]["uniform_random"]["expected"] == pytest.approx(0.1)
+    assert 0.04 <= r["baselines"]["uniform_random"]["accuracy"] <= 0.16
+    assert r["gradients"]["all_nonzero"] and r["gradients"]["num_params_with_zero_grad"] == 0
+    assert r["num_parameters"] == sum(p.numel() for p in
+                                      __import__("timm").create_model("tinycnn", num_classes=10, stage_channels=[8, 16],
+                                                                      stage_repeats=[1, 1]).parameters())
+    assert r["passed"] and Path(r["augment_grid"]) == out / "augment_grid.png"
+    png = read_png(out / "augment_grid.png")
+    assert (png.shape[2], png.shape[1]) == grid_size(12, nrow=6) == (6 * 66 + 2, 4 * 66 + 2)
+
+
+# ============================================================================= real sample: LR finder
+
+def test_lr_finder_recipe_on_sample(sample_shards, tmp_path, monkeypatch):
+    out = tmp_path / "lrf"
+    rc = run_recipe("lr_finder", ["--data", sample_shards, "--output", out, "--min_lr", "1e-4", "--max_lr", "0.1",
+                                  "--num_iters", 12, "--no-progress", *TINY], monkeypatch)
+    assert rc == 0
+    r = json.loads((out / "lr_finder.json").read_text())
+    assert (r["min_lr"], r["max_lr"], r["num_iters"]) == (1e-4, 0.1, 12)  # the flags reached the sweep
+    lrs = [p["lr"] for p in r["points"]]
+    assert not r["stopped_early"] and len(lrs) == 12
+    assert lrs[0] == pytest.approx(1e-4) and lrs[-1] == pytest.approx(0.1)
+    ratios = [b / a for a, b in zip(lrs, lrs[1:])]
+    assert min(ratios) > 1 and max(ratios) == pytest.approx(min(ratios))
+    assert all(math.isfinite(p["loss"]) and math.isfinite(p["smoothed_loss"]) for p in r["points"])
+    assert r["suggested_lr"] is not None and 1e-4 <= r["suggested_lr"] <= 0.1
+    rows = list(csv.DictReader((out / "lr_finder.csv").open()))
+    assert len(rows) == 12 and float(rows[3]["lr"]) == pytest.approx(lrs[3])
+    assert float(rows[0]["loss"]) == pytest.approx(float(rows[0]["smoothed_loss"]))
+    assert read_png(out / "lr_finder.png").shape[1] > 100
+
+
+def test_lr_finder_stops_when_the_loss_diverges(sample_shards):
+    # AdamW (the default) at huge lrs: the loss grows large but stays finite, so the diverge_factor rule stops it
+    cfg = load_config(overrides=[f"data.root={sample_shards}", *TINY, "lr_finder.min_lr=1e-3",
+                                 "lr_finder.max_lr=1e6", "lr_finder.num_iters=30"])
+    r = find_lr(cfg, None, progress=False)
+    assert r["stopped_early"] and r["stop_reason"].startswith("smoothed loss")
+    assert 3 <= r["num_points"] < 30 and len(r["points"]) == r["num_points"]
+    last = r["points"][-1]
+    assert last["smoothed_loss"] > cfg["lr_finder"]["diverge_factor"] * r["best_smoothed_loss"]
+    assert all(p["smoothed_loss"] <= 4 * r["best_smoothed_loss"] for p in r["points"][:-1])  # not earlier
+    assert r["suggested_lr"] is not None and 1e-3 <= r["suggested_lr"] <= 1e6
+    assert r["suggested_lr"] < last["lr"]
+
+
+def test_lr_finder_rejects_bad_settings(sample_shards):
+    cfg = load_config(overrides=[f"data.root={sample_shards}", *TINY, "lr_finder.min_lr=1", "lr_finder.max_lr=0.1"])
+    with pytest.raises(ValueError, match="min_lr < max_lr"):
+        find_lr(cfg, None, progress=False)
+
+
+# ============================================================================= real sample: grid search
+
+GRID = ["grid.lr=[0.001,0.02]", "grid.weight_decay=[1e-4]", "grid.stage_channels=[[8,16]]",
+        "grid.stage_repeats=[[1,1]]", "grid.epochs=1", "train.batch_size=32", "train.max_steps=3",
+        "train.val_subset_size=96", "data.num_workers=0", "train.optimizer.name=adam", "train.scheduler.name=none"]
+NAMES = ["gs_000_lr=0.001_wd=1e-4_ch=8-16_rep=1-1", "gs_001_lr=0.02_wd=1e-4_ch=8-16_rep=1-1"]
+
+
+@pytest.fixture(scope="module")
+def grid_run(sample_shards, tmp_path_factory):
+    out = tmp_path_factory.mktemp("grid")
+    cfg = load_config(REPO / "recipes" / "configs" / "grid_search.yaml", [f"data.root={sample_shards}", *GRID])
+    results = grid.run_grid(cfg, out, progress=False)
+    return cfg, out, results
+
+
+def test_grid_search_on_sample(grid_run):
+    cfg, out, results = grid_run
+    assert sorted(r["name"] for r in results) == NAMES
+    assert all(r["status"] == "finished" and r["epochs"] == 1 and r["steps"] == 3 for r in results)
+    for name in NAMES:
+        records = [json.loads(line) for line in (out / name / "metrics.jsonl").read_text().splitlines()]
+        assert len(records) == 1 and records[0]["step"] == 3
+        assert (out / name / "tb" / "hparams").is_dir()
+        saved = yaml.safe_load((out / name / "config.yaml").read_text())
+        assert saved["train"]["optimizer"]["lr"] == (0.001 if "lr=0.001" in name else 0.02)
+        assert saved["stage_channels"] == [8, 16]
+    rows = list(csv.DictReader((out / "results.csv").open()))
+    keys = [(-float(r["val_accuracy"]), float(r["val_loss"])) for r in rows]  # equal accuracy: lower loss first
+    assert keys == sorted(keys) and sorted(r["name"] for r in rows) == NAMES
+    assert [int(r["rank"]) for r in rows] == [1, 2]
+    by_name = {r["name"]: r for r in results}
+    for row in rows:
+        assert float(row["val_accuracy"]) == pytest.approx(by_name[row["name"]]["val_accuracy"])
+        assert float(row["val_loss"]) == pytest.approx(by_name[row["name"]]["val_loss"])
+    md = (out / "results.md").read_text()
+    assert md.index(rows[0]["name"]) < md.index(rows[1]["name"])
+    assert json.loads((out / "results.json").read_text())["best"]["name"] == rows[0]["name"]
+
+
+def test_grid_search_skips_finished_runs(grid_run, monkeypatch):
+    cfg, out, results = grid_run
+    import tinycnn.train
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a finished run was trained again")
+
+    monkeypatch.setattr(tinycnn.train, "train", no_training)
+    again = grid.run_grid(cfg, out, progress=False)
+    assert [(r["name"], r["val_accuracy"]) for r in again] == [(r["name"], r["val_accuracy"]) for r in results]
+    # a part runs its slice only
+    part = grid.run_grid(cfg, out, part=(1, 2), progress=False)
+    assert [r["name"] for r in part] == [NAMES[1]]
+    assert (out / "results-part-1-of-2.md").is_file()
+    merged = grid.collect_results(cfg, out)
+    assert [r["name"] for r in merged] == [r["name"] for r in results]
+
+
+def test_grid_search_recipe_part_and_merge(grid_run, monkeypatch, capsys):
+    """The command line a --gpus part process gets, then --merge: the merged table of every run folder."""
+    cfg, out, results = grid_run
+    (out / "results.md").unlink()
+    args = ["--data", cfg["data"]["root"], "--output", str(out), "--gpus", "0,1", *GRID]
+    part = grid.child_argv(args) + ["--part", "0/2", "--no-progress"]
+    assert run_recipe("grid_search", part, monkeypatch) == 0
+    printed = capsys.readouterr().out
+    assert f"{NAMES[0]}: finished before, skipped" in printed and NAMES[1] not in printed
+    rows = list(csv.DictReader((out / "results-part-0-of-2.csv").open()))
+    assert [r["name"] for r in rows] == [NAMES[0]]
+    assert not (out / "results.md").exists()
+    assert run_recipe("grid_search", grid.child_argv(args) + ["--merge"], monkeypatch) == 0
+    rows = list(csv.DictReader((out / "results.csv").open()))
+    assert [r["name"] for r in rows] == [r["name"] for r in results]
+    assert NAMES[0] in (out / "results.md").read_text()
+
+
+def test_launch_parts_runs_one_process_per_gpu(tmp_path):
+    script = tmp_path / "fake.py"
+    script.write_text("import json, os, sys\n"
+                      "print(json.dumps({'gpu': os.environ['CUDA_VISIBLE_DEVICES'], 'argv': sys.argv[1:]}))\n"
+                      "sys.exit(3 if '1/3' in sys.argv else 0)\n")
+    codes = grid.launch_parts(script, ["--gpus", "4,5,6", "--output", str(tmp_path), "a=1"], ["4", "5", "6"],
+                              tmp_path, console=None)
+    assert codes == [0, 3, 0]
+    for i, gpu in enumerate("456"):
+        seen = json.loads((tmp_path / "logs" / f"part-{i}-of-3.log").read_text())
+        assert seen == {"gpu": gpu, "argv": ["--output", str(tmp_path), "a=1", "--part", f"{i}/3", "--no-progress"]}
+
+
+# ============================================================================= the scripts
+
+def test_recipes_help():
+    """Each script run as __main__ with --help in a fresh interpreter (one, so torch is imported once)."""
+    driver = (
+        "import contextlib, io, json, runpy, sys\n"
+        "out = {}\n"
+        "for name in ('checks', 'lr_finder', 'grid_search'):\n"
+        "    sys.argv = [f'recipes/{name}.py', '--help']\n"
+        "    buf = io.StringIO()\n"
+        "    try:\n"
+        "        with contextlib.redirect_stdout(buf):\n"
+        "            runpy.run_path(f'%s/recipes/{name}.py', run_name='__main__')\n"
+        "        code = 'returned'\n"
+        "    except SystemExit as e:\n"
+        "        code = e.code\n"
+        "    out[name] = [code, buf.getvalue()]\n"
+        "print(json.dumps(out))\n" % REPO)
+    p = subprocess.run([sys.executable, "-c", driver], capture_output=True, text=True, timeout=300, cwd="/")
+    assert p.returncode == 0, p.stderr
+    out = json.loads(p.stdout.splitlines()[-1])
+    flags = {"checks": ["--output", "--num_images"], "lr_finder": ["--min_lr", "--max_lr", "--num_iters"],
+             "grid_search": ["--gpus", "--part", "--merge"]}
+    for name, (code, text) in out.items():
+        assert code in (0, None), (name, code)
+        assert text.startswith("usage:") and all(f in text for f in flags[name]) and "key=value" in text

@@ -1,0 +1,284 @@
+"""Learning-rate range test (step 3 of the course project's workflow): `find_lr(cfg, output)`.
+
+The model trains from scratch for `num_iters` optimizer steps on augmented train batches while the
+learning rate grows log-spaced from `min_lr` to `max_lr`. Each step logs (lr, loss, smoothed loss), the
+smoothing being a bias-corrected exponential moving average (`smooth` = its beta). The sweep stops
+early when the smoothed loss diverges (above `diverge_factor` x its best so far) or the loss is not
+finite. The suggestion is the lr where the smoothed loss falls fastest: the most negative
+d loss / d log10(lr), ignoring the first few points (their slope is mostly noise and warm-up).
+
+A probe only: the model and optimizer are thrown away. Settings come from cfg['lr_finder']
+(min_lr, max_lr, num_iters, smooth, diverge_factor); the model, optimizer (its weight decay, betas,
+momentum), batch size, augmentation and label smoothing from the rest of cfg, as training uses them.
+Writes OUTPUT/lr_finder.csv, OUTPUT/lr_finder.json and OUTPUT/lr_finder.png (main process only).
+"""
+import csv
+import json
+import math
+import sys
+from contextlib import closing
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+
+from .augment import GPUAugment
+from .data import DevicePrefetcher, build_loader, read_manifest
+
+__all__ = ["lr_sweep", "smooth_losses", "suggest_lr", "stop_check", "find_lr", "write_results", "plot_lr_finder",
+           "check_settings"]
+
+REPORT_HINT = 'pip install "tinycnn[report]"'
+
+
+def check_settings(s: Dict[str, Any]) -> Dict[str, Any]:
+    """Validate cfg['lr_finder']; returns it with numbers as numbers."""
+    try:
+        out = {"min_lr": float(s["min_lr"]), "max_lr": float(s["max_lr"]), "num_iters": int(s["num_iters"]),
+               "smooth": float(s["smooth"]), "diverge_factor": float(s["diverge_factor"])}
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"lr_finder settings must be numbers, got {s} ({e})") from None
+    if not 0 < out["min_lr"] < out["max_lr"]:
+        raise ValueError(f"lr_finder needs 0 < min_lr < max_lr, got min_lr={s['min_lr']}, max_lr={s['max_lr']}")
+    if out["num_iters"] < 2 or out["num_iters"] != s["num_iters"]:
+        raise ValueError(f"lr_finder.num_iters must be an integer >= 2, got {s['num_iters']!r}")
+    if not 0 <= out["smooth"] < 1:
+        raise ValueError(f"lr_finder.smooth must be in [0, 1), got {s['smooth']!r}")
+    if out["diverge_factor"] <= 1:
+        raise ValueError(f"lr_finder.diverge_factor must be > 1, got {s['diverge_factor']!r}")
+    return out
+
+
+def lr_sweep(min_lr: float, max_lr: float, num_iters: int) -> List[float]:
+    """`num_iters` learning rates, log-spaced from min_lr to max_lr (both included)."""
+    if num_iters < 2:
+        raise ValueError(f"num_iters must be >= 2, got {num_iters}")
+    ratio = math.log(max_lr / min_lr)
+    return [min_lr * math.exp(ratio * i / (num_iters - 1)) for i in range(num_iters)]
+
+
+def smooth_losses(losses: Sequence[float], beta: float = 0.98) -> List[float]:
+    """Bias-corrected exponential moving average (the first value is the first loss)."""
+    out, avg = [], 0.0
+    for i, loss in enumerate(losses):
+        avg = beta * avg + (1 - beta) * loss
+        out.append(avg / (1 - beta ** (i + 1)) if beta > 0 else loss)
+    return out
+
+
+def suggest_lr(lrs: Sequence[float], losses: Sequence[float], skip_start: Optional[int] = None,
+               skip_end: int = 0) -> Optional[float]:
+    """The lr at the steepest descent of `losses` (most negative d loss / d log10 lr), or None.
+
+    The slope is numpy.gradient's (central differences, one-sided at the ends) over the finite points.
+    skip_start: points ignored at the start (default: a tenth of them, 1 to 10); skip_end: at the end.
+    Returns None when fewer than 3 points are left or the loss never falls."""
+    pts = [(math.log10(lr), loss) for lr, loss in zip(lrs, losses)
+           if loss is not None and math.isfinite(loss) and lr > 0]
+    if skip_start is None:
+        skip_start = max(1, min(10, len(pts) // 10))
+    pts = pts[skip_start:len(pts) - skip_end]
+    if len(pts) < 3:
+        return None
+    x = [p[0] for p in pts]
+    y = [p[1] for p in pts]
+    slopes = []
+    for i in range(len(pts)):
+        lo, hi = max(0, i - 1), min(len(pts) - 1, i + 1)
+        # numpy.gradient on non-uniform spacing (second order inside, first order at the ends)
+        if 0 < i < len(pts) - 1:
+            h1, h2 = x[i] - x[i - 1], x[i + 1] - x[i]
+            if h1 <= 0 or h2 <= 0:
+                slopes.append(float("inf"))
+                continue
+            slopes.append((h1 ** 2 * y[i + 1] - h2 ** 2 * y[i - 1] + (h2 ** 2 - h1 ** 2) * y[i]) / (h1 * h2 * (h1 + h2)))
+        else:
+            dx = x[hi] - x[lo]
+            slopes.append((y[hi] - y[lo]) / dx if dx > 0 else float("inf"))
+    best = min(range(len(slopes)), key=lambda i: slopes[i])
+    if not slopes[best] < 0:
+        return None
+    return 10 ** x[best]
+
+
+def stop_check(loss: float, smoothed: float, best: float, diverge_factor: float, lr: float) -> Optional[str]:
+    """Why the sweep stops after this step (None: go on): a non-finite loss, or a smoothed loss above
+    diverge_factor x the best smoothed loss so far (`best` includes this step)."""
+    if not math.isfinite(loss) or not math.isfinite(smoothed):
+        return f"loss is {loss} at lr {lr:.3g}"
+    if smoothed > diverge_factor * best:
+        return f"smoothed loss {smoothed:.3f} > {diverge_factor:g} x best {best:.3f} at lr {lr:.3g}"
+    return None
+
+
+def _finite(v: float) -> Optional[float]:
+    return v if v is not None and math.isfinite(v) else None
+
+
+def find_lr(cfg: Dict[str, Any], output: Optional[Union[str, Path]] = None, *, accelerator=None,
+            progress: bool = True, plot: bool = True) -> Dict[str, Any]:
+    """Run the range test of the module docstring; write the csv/json/png into `output` when given.
+
+    Returns {suggested_lr, min_lr, max_lr, num_iters, stopped_early, stop_reason, points: [{step, lr,
+    loss, smoothed_loss}], ...}. Under several processes every process trains its part of each batch
+    (DDP), the loss is averaged over them, and only the main process writes."""
+    from accelerate.utils import set_seed
+
+    from .train import build_model, build_optimizer, make_accelerator
+
+    s = check_settings(cfg["lr_finder"])
+    t, d = cfg["train"], cfg["data"]
+    if accelerator is None:
+        accelerator = make_accelerator({**cfg, "train": {**t, "grad_accum_steps": 1}}, log=False)
+    device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
+    set_seed(t["seed"], device_specific=True)
+
+    root = Path(d["root"])
+    manifest = read_manifest(root)
+    num_classes = manifest["num_classes"]
+    subset = t["overfit_small_size"] if t["overfit_small"] else None
+    loader = build_loader(root, d["train_split"], batch_size=t["batch_size"], train=True, subset=subset, rank=rank,
+                          world_size=world, num_workers=d["num_workers"], seed=t["seed"],
+                          shuffle_buffer=d["shuffle_buffer"], skip_bad=d["skip_bad"])
+
+    model = build_model(cfg, num_classes)
+    aug_cfg = dict(cfg["augment"])
+    if t["overfit_small"]:
+        aug_cfg["enabled"] = False
+    aug = GPUAugment.from_config(aug_cfg).to(device)
+    optimizer = build_optimizer(model, {**t["optimizer"], "lr": s["min_lr"]}, device)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    model.train()
+    label_smoothing = 0.0 if t["overfit_small"] else t["label_smoothing"]
+    lrs = lr_sweep(s["min_lr"], s["max_lr"], s["num_iters"])
+
+    def batches():  # as many epochs of the loader as the sweep needs
+        epoch = 0
+        while True:
+            loader.set_epoch(epoch)
+            yield from DevicePrefetcher(loader, device)
+            epoch += 1
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    bar = Progress(TextColumn("[bold]lr finder"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+                   TimeElapsedColumn(), disable=not (progress and accelerator.is_main_process))
+    points: List[Dict[str, Any]] = []
+    avg, best = 0.0, float("inf")
+    stop_reason = None
+    step, micro, loss_sum = 0, 0, torch.zeros((), device=device)
+    stream = batches()
+    with bar, closing(stream):  # closing: the loader's worker processes stop with the sweep
+        task = bar.add_task("", total=len(lrs), info="")
+        for images, labels in stream:
+            for group in optimizer.param_groups:
+                group["lr"] = lrs[step]
+            with accelerator.accumulate(model):
+                with accelerator.autocast():
+                    loss = F.cross_entropy(model(aug(images)), labels, label_smoothing=label_smoothing)
+                accelerator.backward(loss)
+                if t["grad_clip"] and accelerator.sync_gradients:
+                    accelerator.clip_grad_norm_(model.parameters(), t["grad_clip"])
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            loss_sum += loss.detach().float()
+            micro += 1
+            if not accelerator.sync_gradients:
+                continue
+            value = accelerator.reduce(loss_sum / micro, reduction="mean").item()
+            loss_sum, micro = torch.zeros((), device=device), 0
+            if math.isfinite(value):
+                avg = s["smooth"] * avg + (1 - s["smooth"]) * value
+                smoothed = avg / (1 - s["smooth"] ** (step + 1)) if s["smooth"] > 0 else value
+            else:
+                smoothed = float("nan")
+            points.append({"step": step, "lr": lrs[step], "loss": value, "smoothed_loss": smoothed})
+            bar.update(task, advance=1, info=f"lr {lrs[step]:.2e} loss {value:.3f}")
+            step += 1
+            if math.isfinite(smoothed):
+                best = min(best, smoothed)
+            stop_reason = stop_check(value, smoothed, best, s["diverge_factor"], lrs[step - 1])
+            if stop_reason is not None or step >= len(lrs):
+                break
+
+    xs = [p["lr"] for p in points]
+    ys = [p["smoothed_loss"] for p in points]
+    suggested = suggest_lr(xs, ys)
+    finite = [(p["smoothed_loss"], p["lr"]) for p in points if math.isfinite(p["smoothed_loss"])]
+    result = {
+        "suggested_lr": suggested,
+        "min_lr": s["min_lr"], "max_lr": s["max_lr"], "num_iters": s["num_iters"],
+        "smooth": s["smooth"], "diverge_factor": s["diverge_factor"],
+        "stopped_early": stop_reason is not None, "stop_reason": stop_reason,
+        "num_points": len(points),
+        "min_loss_lr": min(finite)[1] if finite else None,
+        "best_smoothed_loss": min(finite)[0] if finite else None,
+        "optimizer": t["optimizer"]["name"], "weight_decay": t["optimizer"]["weight_decay"],
+        "batch_size": t["batch_size"] * world * t["grad_accum_steps"],
+        "model": {"name": cfg["model"], "stage_channels": list(cfg["stage_channels"]),
+                  "stage_repeats": list(cfg["stage_repeats"])},
+        "points": [{k: (_finite(v) if isinstance(v, float) and k != "lr" else v) for k, v in p.items()} for p in points],
+    }
+    # the probe's model and optimizer are not kept
+    accelerator.free_memory()
+    del model, optimizer
+    if output is not None and accelerator.is_main_process:
+        write_results(result, output, plot=plot)
+    accelerator.wait_for_everyone()
+    return result
+
+
+def write_results(result: Dict[str, Any], output: Union[str, Path], plot: bool = True) -> Dict[str, Optional[Path]]:
+    """OUTPUT/lr_finder.csv (step, lr, loss, smoothed_loss), OUTPUT/lr_finder.json, OUTPUT/lr_finder.png."""
+    output = Path(output)
+    output.mkdir(parents=True, exist_ok=True)
+    with open(output / "lr_finder.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["step", "lr", "loss", "smoothed_loss"])
+        for p in result["points"]:
+            w.writerow([p["step"], repr(p["lr"]), "" if p["loss"] is None else repr(p["loss"]),
+                        "" if p["smoothed_loss"] is None else repr(p["smoothed_loss"])])
+    (output / "lr_finder.json").write_text(json.dumps(result, indent=1))
+    png = plot_lr_finder(result, output / "lr_finder.png") if plot else None
+    return {"csv": output / "lr_finder.csv", "json": output / "lr_finder.json", "png": png}
+
+
+def plot_lr_finder(result: Dict[str, Any], path: Union[str, Path]) -> Optional[Path]:
+    """Loss and smoothed loss vs lr (log x), the suggestion marked. None (and a one-line warning on
+    stderr) without matplotlib."""
+    try:
+        from matplotlib.figure import Figure  # no pyplot: leaves the user's backend alone
+    except ImportError:
+        print(f"warning: matplotlib is not installed, skipping the plot {path} ({REPORT_HINT})", file=sys.stderr)
+        return None
+    pts = [p for p in result["points"] if p["loss"] is not None]
+    fig = Figure(figsize=(7, 4.5), dpi=110)
+    ax = fig.subplots()
+    if pts:
+        ax.plot([p["lr"] for p in pts], [p["loss"] for p in pts], color="0.75", lw=1, label="loss")
+        sm = [p for p in pts if p["smoothed_loss"] is not None]
+        ax.plot([p["lr"] for p in sm], [p["smoothed_loss"] for p in sm], color="C0", lw=2, label="smoothed loss")
+        ys = [p["smoothed_loss"] for p in sm] or [p["loss"] for p in pts]
+        lo = min(ys)
+        ref = max(ys[:max(1, len(ys) // 2)])  # the flat start; the diverging end runs off the top
+        span = max(ref - lo, 0.02 * abs(ref) + 1e-3)
+        ax.set_ylim(lo - 0.25 * span, ref + 1.5 * span)
+    lr = result.get("suggested_lr")
+    if lr is not None:
+        ax.axvline(lr, color="C3", ls="--", lw=1.5, label=f"suggested lr {lr:.2e} (steepest descent)")
+    ax.set_xscale("log")
+    last = pts[-1]["lr"] if pts and result.get("stopped_early") else result["max_lr"]
+    ax.set_xlim(result["min_lr"], min(result["max_lr"], last * 2))
+    ax.set_xlabel("learning rate (log scale)")
+    ax.set_ylabel("training loss")
+    m = result.get("model", {})
+    stop = ", stopped early (diverged)" if result.get("stopped_early") else ""
+    ax.set_title(f"LR range test: {result.get('optimizer', '')}, batch {result.get('batch_size', '?')}, "
+                 f"channels {m.get('stage_channels', '?')}, {result.get('num_points', len(pts))} steps{stop}",
+                 fontsize=9)
+    ax.grid(True, which="major", alpha=0.3)
+    ax.legend(loc="best", fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path)
+    return path
