@@ -267,6 +267,8 @@ def train(cfg: Dict[str, Any], output: Path, *, resume: bool = False, accelerato
         accelerator.print(f"--resume: no saved state in {state_dir}, starting from scratch")
     if accelerator.is_main_process:
         _save_yaml(output / "config.yaml", cfg)
+        info = environment_info(accelerator)
+        (output / "run.json").write_text(json.dumps(info, indent=1))
         if not resume and (output / "metrics.jsonl").exists():
             (output / "metrics.jsonl").unlink()
     accelerator.init_trackers("tb", config={k: v if isinstance(v, (int, float, str, bool)) else str(v)
@@ -390,6 +392,36 @@ def train(cfg: Dict[str, Any], output: Path, *, resume: bool = False, accelerato
         raise TrainingStopped(f"{summary_stop}; resumable state saved in {output / 'state'} "
                               f"(run again with --resume to continue)")
     return summary
+
+
+def environment_info(accelerator: Optional[Accelerator] = None) -> Dict[str, Any]:
+    """What a report needs to reproduce a run: the command, package versions, hardware."""
+    import platform
+    import sys
+    from importlib.metadata import PackageNotFoundError, version
+
+    versions = {}
+    for pkg in ("tinycnn", "torch", "torchvision", "timm", "accelerate", "webdataset", "safetensors"):
+        try:
+            versions[pkg] = version(pkg)
+        except PackageNotFoundError:
+            versions[pkg] = None
+    hardware = {"platform": platform.platform(), "python": platform.python_version(), "cpu": platform.processor(),
+                "cpu_count": os.cpu_count()}
+    try:
+        with open("/proc/cpuinfo") as f:
+            hardware["cpu"] = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    if torch.cuda.is_available():
+        hardware["gpu"] = torch.cuda.get_device_name(0)
+        hardware["gpu_count"] = torch.cuda.device_count()
+    info = {"command": [os.path.basename(sys.executable), *sys.argv], "cwd": os.getcwd(), "versions": versions,
+            "hardware": hardware, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    if accelerator is not None:
+        info.update(num_processes=accelerator.num_processes, device=str(accelerator.device),
+                    mixed_precision=accelerator.mixed_precision)
+    return info
 
 
 def _flat(cfg, prefix=""):
