@@ -75,11 +75,19 @@ def build_optimizer(model: torch.nn.Module, opt: Dict[str, Any], device: torch.d
     decay = [p for n, p in model.named_parameters() if p.ndim > 1]
     no_decay = [p for n, p in model.named_parameters() if p.ndim <= 1]
     groups = [{"params": decay, "weight_decay": opt["weight_decay"]}, {"params": no_decay, "weight_decay": 0.0}]
-    name, lr = opt["name"], opt["lr"]
-    fused = opt["fused"]
+    name, fused = opt["name"], opt["fused"]
     if fused == "auto":  # fused Adam/AdamW/SGD kernels: one launch for all parameters instead of a loop
         fused = device.type in ("cuda", "mps") or (device.type == "cpu" and name in ("adam", "adamw"))
-    kw = {"fused": True} if fused and name in ("sgd", "adam", "adamw") else {}
+    if fused and name in ("sgd", "adam", "adamw"):
+        try:
+            return _make_optimizer(name, [dict(g) for g in groups], opt, fused=True)
+        except (RuntimeError, TypeError, ValueError):  # an older torch without fused kernels for this device
+            pass
+    return _make_optimizer(name, groups, opt)
+
+
+def _make_optimizer(name, groups, opt, **kw) -> torch.optim.Optimizer:
+    lr = opt["lr"]
     if name == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=opt["momentum"], nesterov=opt["nesterov"] and opt["momentum"] > 0, **kw)
     if name == "adam":
