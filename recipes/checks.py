@@ -11,22 +11,19 @@ ln(num_classes); non-zero gradients for every parameter after one backward; a PN
 after augmentation. Writes OUTPUT/checks.json (every number) and OUTPUT/augment_grid.png.
 Exits 0 when every check passes, 1 when one is flagged, 2 on an error (e.g. batches of the wrong shape).
 """
-import argparse
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from tinycnn.cli import (CONFIG_HELP, add_config_args, config_from_args, ensure_data,  # noqa: E402
+from tinycnn.cli import (config_from_args, recipe_parser, ensure_data,  # noqa: E402
                          relaunch_multi_cpu, run_main)
 
 DEFAULT_CONFIG = str(Path(__file__).parent / "configs" / "checks.yaml")
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, epilog=CONFIG_HELP,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_config_args(parser, DEFAULT_CONFIG)
+    parser = recipe_parser(__doc__, DEFAULT_CONFIG)
     parser.add_argument("--output", default="checkpoints/checks",
                         help="folder for checks.json and augment_grid.png (default: checkpoints/checks)")
     parser.add_argument("--num_images", "--num-images", type=int, default=16, dest="num_images",
@@ -34,10 +31,9 @@ def main() -> int:
     parser.add_argument("--nrow", type=int, default=8, help="images per row of the augmentation grid (default: 8)")
     parser.add_argument("--loss_tolerance", "--loss-tolerance", type=float, default=None, dest="loss_tolerance",
                         help="flag the initial loss when it is further than this from ln(num_classes) (default: 0.5)")
-    parser.add_argument("--no-download", action="store_true", help="never download data; fail if it is missing")
     args = parser.parse_intermixed_args()
     relaunch_multi_cpu()
-    cfg = config_from_args(args, ["data.download=false"] if args.no_download else [])
+    cfg = config_from_args(args)
 
     from rich.console import Console
 

@@ -15,23 +15,20 @@ OUTPUT/results.md, OUTPUT/results.csv and OUTPUT/results.json (per part: results
 and each run's hparams and metrics to its tb/ folder for TensorBoard's HParams view
 (tensorboard --logdir OUTPUT). A run whose loss goes NaN is marked diverged and the grid goes on.
 """
-import argparse
 import os
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from tinycnn.cli import (CONFIG_HELP, add_config_args, config_from_args, ensure_data,  # noqa: E402
+from tinycnn.cli import (config_from_args, recipe_parser, ensure_data,  # noqa: E402
                          relaunch_multi_cpu, run_main)
 
 DEFAULT_CONFIG = str(Path(__file__).parent / "configs" / "grid_search.yaml")
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, epilog=CONFIG_HELP,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_config_args(parser, DEFAULT_CONFIG)
+    parser = recipe_parser(__doc__, DEFAULT_CONFIG)
     parser.add_argument("--output", default="checkpoints/grid_search",
                         help="folder of the runs and the tables (default: checkpoints/grid_search)")
     parser.add_argument("--gpus", help="comma-separated GPU ids: one process per GPU (CUDA_VISIBLE_DEVICES), "
@@ -40,10 +37,9 @@ def main() -> int:
     parser.add_argument("--merge", action="store_true", help="train nothing: write the table of every run in OUTPUT")
     parser.add_argument("--top", type=int, default=None, help="print only the N best runs")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
-    parser.add_argument("--no-download", action="store_true", help="never download data; fail if it is missing")
     args = parser.parse_intermixed_args()
     relaunch_multi_cpu()
-    cfg = config_from_args(args, ["data.download=false"] if args.no_download else [])
+    cfg = config_from_args(args)
 
     from rich.console import Console
 

@@ -14,22 +14,19 @@ or is not finite. Writes OUTPUT/lr_finder.csv (step, lr, loss, smoothed_loss), O
 Nothing is saved of the model: it is a probe. The flags are the lr_finder.* keys; a dotted override
 of the same key wins over the flag.
 """
-import argparse
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from tinycnn.cli import (CONFIG_HELP, add_config_args, config_from_args, ensure_data,  # noqa: E402
+from tinycnn.cli import (config_from_args, recipe_parser, ensure_data,  # noqa: E402
                          relaunch_multi_cpu, run_main)
 
 DEFAULT_CONFIG = str(Path(__file__).parent / "configs" / "lr_finder.yaml")
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, epilog=CONFIG_HELP,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_config_args(parser, DEFAULT_CONFIG)
+    parser = recipe_parser(__doc__, DEFAULT_CONFIG)
     parser.add_argument("--min_lr", "--min-lr", dest="min_lr", help="first lr of the sweep (lr_finder.min_lr, 1e-6)")
     parser.add_argument("--max_lr", "--max-lr", dest="max_lr", help="last lr of the sweep (lr_finder.max_lr, 1)")
     parser.add_argument("--num_iters", "--num-iters", dest="num_iters",
@@ -38,11 +35,10 @@ def main() -> int:
                         help="folder for lr_finder.csv/.json/.png (default: checkpoints/lr_finder)")
     parser.add_argument("--no-plot", action="store_true", help="write no PNG")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    parser.add_argument("--no-download", action="store_true", help="never download data; fail if it is missing")
     args = parser.parse_intermixed_args()
     relaunch_multi_cpu()
     flags = [f"lr_finder.{k}={getattr(args, k)}" for k in ("min_lr", "max_lr", "num_iters") if getattr(args, k)]
-    cfg = config_from_args(args, flags + (["data.download=false"] if args.no_download else []))
+    cfg = config_from_args(args, flags)
 
     from rich.console import Console
 

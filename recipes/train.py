@@ -10,27 +10,23 @@ Writes checkpoints/<run-name>/: best.safetensors (best val accuracy), last.safet
 metrics.jsonl, state/ (resumable), tb/ (TensorBoard). With no data prepared it prepares it first
 (downloading the official zip unless --no-download).
 """
-import argparse
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from tinycnn.cli import CONFIG_HELP, add_config_args, config_from_args, ensure_data, relaunch_multi_cpu, run_main  # noqa: E402
+from tinycnn.cli import config_from_args, recipe_parser, ensure_data, relaunch_multi_cpu, run_main  # noqa: E402
 
 DEFAULT_CONFIG = str(Path(__file__).parent / "configs" / "recommended.yaml")
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, epilog=CONFIG_HELP,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_config_args(parser, DEFAULT_CONFIG)
+    parser = recipe_parser(__doc__, DEFAULT_CONFIG)
     parser.add_argument("--output", help="run folder (default: checkpoints/<run-name>)")
     parser.add_argument("--resume", action="store_true", help="continue the run saved in --output")
-    parser.add_argument("--no-download", action="store_true", help="never download data; fail if it is missing")
     args = parser.parse_intermixed_args()
     relaunch_multi_cpu()
-    cfg = config_from_args(args, ["data.download=false"] if args.no_download else [])
+    cfg = config_from_args(args)
 
     from rich.console import Console
     from rich.table import Table

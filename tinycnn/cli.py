@@ -7,7 +7,7 @@ from typing import Any, Dict, List, Optional
 
 from .config import ConfigError, load_config
 
-__all__ = ["add_config_args", "config_from_args", "ensure_data", "run_main", "relaunch_multi_cpu"]
+__all__ = ["recipe_parser", "config_from_args", "ensure_data", "run_main", "relaunch_multi_cpu"]
 
 CONFIG_HELP = """
 Configuration: defaults < --config FILE < --data/--max_epochs < dotted overrides, e.g.
@@ -17,17 +17,22 @@ Keys and defaults: see tinycnn/config.py (DEFAULTS) and recipes/configs/*.yaml.
 """
 
 
-def add_config_args(parser: argparse.ArgumentParser, default_config: Optional[str] = None):
+def recipe_parser(doc: str, default_config: Optional[str] = None) -> argparse.ArgumentParser:
+    """An argument parser with the options every config-driven recipe takes."""
+    parser = argparse.ArgumentParser(description=doc, epilog=CONFIG_HELP,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default=default_config,
                         help=f"YAML config file (default: {default_config or 'the built-in defaults'})")
     parser.add_argument("--data", help="a tinycnn-prepare output folder (overrides data.root)")
     parser.add_argument("--max_epochs", "--max-epochs", type=int, dest="max_epochs",
                         help="number of epochs (overrides train.epochs; the original project's flag)")
+    parser.add_argument("--no-download", action="store_true", help="never download data; fail if it is missing")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
+    return parser
 
 
 def config_from_args(args: argparse.Namespace, extra: Optional[List[str]] = None) -> Dict[str, Any]:
-    overrides = []
+    overrides = ["data.download=false"] if args.no_download else []
     if args.data:
         overrides.append(f"data.root={args.data}")
     if args.max_epochs:
