@@ -1,0 +1,143 @@
+"""augmentation: GPUAugment (batched, per-sample randomness) vs torchvision v2 one sample at a time.
+
+Both run on the device at hand (CUDA when available, else the CPU) on real sample images, with the
+same transforms: RandomCrop(64, padding=4), RandomHorizontalFlip, ColorJitter(0.2, 0.2, 0.2, 0.05),
+to float, Normalize. torchvision's v2 transforms draw one set of random parameters per call, so
+per-sample randomness with torchvision means one call per sample.
+On CUDA, also GPUAugment's cost inside a train step (bf16 + channels_last, eager).
+"""
+import pytest
+import torch
+
+from _bench import BATCH, DEVICE, ON_CUDA, make_train_step, optimizer_steps, real_uint8_batch, sync
+
+GROUP = "augment"
+ROUNDS = 5 if ON_CUDA else 10  # cheap: more rounds, best of them (the CPU is shared)
+AUG_BATCH = BATCH if ON_CUDA else 256
+ITERS = 20 if ON_CUDA else 1          # batches per round
+V2_IMAGES = 256 if ON_CUDA else 128   # images per round for the per-sample baseline
+
+
+def test_gpu_augment(bench_factory, bench_data):
+    from tinycnn.augment import GPUAugment
+
+    bench = bench_factory(GROUP)
+    x = real_uint8_batch(bench_data.jpegs, AUG_BATCH)
+    aug = GPUAugment().to(DEVICE)
+
+    def run():
+        out = None
+        for _ in range(ITERS):
+            out = aug(x)
+        return out
+
+    best = bench.run(run, rounds=ROUNDS, warmup=1)
+    out = bench.result
+    assert out.shape == (AUG_BATCH, 3, 64, 64) and out.dtype == torch.float32 and out.device.type == DEVICE.type
+    assert bool(torch.isfinite(out).all())
+    bench.rate("augment/gpu_augment", f"GPUAugment on {DEVICE.type}, batch {AUG_BATCH}", ITERS * AUG_BATCH, best)
+
+
+def test_eval_transform_floor(bench_factory, bench_data):
+    """uint8 -> float -> normalize only: the least any augmentation pipeline has to do (a floor on its cost)."""
+    from tinycnn.augment import GPUAugment
+
+    bench = bench_factory(GROUP)
+    x = real_uint8_batch(bench_data.jpegs, AUG_BATCH)
+    aug = GPUAugment().to(DEVICE)
+
+    def run():
+        out = None
+        for _ in range(ITERS):
+            out = aug.eval_transform(x)
+        return out
+
+    best = bench.run(run, rounds=ROUNDS, warmup=1)
+    out = bench.result
+    assert out.shape == (AUG_BATCH, 3, 64, 64) and out.dtype == torch.float32 and out.device.type == DEVICE.type
+    bench.rate("augment/eval_floor", f"eval_transform only (to float + normalize), batch {AUG_BATCH}",
+               ITERS * AUG_BATCH, best)
+    bench.ratio("gpu_augment_vs_floor", "augment/gpu_augment", "augment/eval_floor", note="{:.0%} of the floor's rate")
+
+
+def test_torchvision_v2_per_sample(bench_factory, bench_data):
+    import torchvision.transforms.v2 as v2
+
+    bench = bench_factory(GROUP)
+    tf = v2.Compose([
+        v2.RandomCrop(64, padding=4),
+        v2.RandomHorizontalFlip(),
+        v2.ColorJitter(0.2, 0.2, 0.2, 0.05),
+        v2.ToDtype(torch.float32, scale=True),
+        v2.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+    ])
+    x = real_uint8_batch(bench_data.jpegs, V2_IMAGES)
+
+    def run():
+        return torch.stack([tf(img) for img in x])
+
+    best = bench.run(run, rounds=3, warmup=1)
+    out = bench.result
+    assert out.shape == (V2_IMAGES, 3, 64, 64) and out.dtype == torch.float32 and out.device.type == DEVICE.type
+    bench.rate("augment/v2_per_sample", f"torchvision v2, one sample per call, on {DEVICE.type}", V2_IMAGES, best)
+    r = bench.ratio("gpu_augment_speedup", "augment/gpu_augment", "augment/v2_per_sample")
+    if r is not None:
+        bench.record("augment/speedup", "GPUAugment / torchvision v2 per sample", r, "x")
+
+
+@pytest.mark.skipif(not ON_CUDA, reason="the augmentation's share of a train step is a GPU figure "
+                                        "(no CUDA device here)")
+def test_augment_fraction_of_train_step(bench_factory, bench_data):
+    """Train steps with GPUAugment vs the same steps on already-augmented batches; the difference is its cost."""
+    import time
+
+    from tinycnn.augment import GPUAugment
+
+    bench = bench_factory(GROUP)
+    step, model, optimizer = make_train_step(channels_last=True, bf16=True)
+    aug = GPUAugment(channels_last=True).to(DEVICE)
+    x = real_uint8_batch(bench_data.jpegs, BATCH)
+    y = torch.randint(0, 200, (BATCH,), device=DEVICE)
+    ready = aug(x)
+
+    def with_aug():
+        loss = None
+        for _ in range(ITERS):
+            loss = step(aug(x), y)
+        return loss
+
+    def without_aug():
+        loss = None
+        for _ in range(ITERS):
+            loss = step(ready, y)
+        return loss
+
+    def aug_only():
+        out = None
+        for _ in range(ITERS):
+            out = aug(x)
+        return out
+
+    def best_of(fn, rounds=5):
+        fn()  # warm-up
+        times = []
+        for _ in range(rounds):
+            sync()
+            t0 = time.perf_counter()
+            fn()
+            sync()
+            times.append(time.perf_counter() - t0)
+        return min(times)
+
+    t_with = bench.run(with_aug, rounds=5, warmup=1)
+    assert torch.isfinite(bench.result)
+    calls = bench.calls
+    t_without = best_of(without_aug)
+    t_aug = best_of(aug_only)
+    assert optimizer_steps(optimizer) == ITERS * (calls + 6)
+    bench.rate("augment/step_with_aug", "train step + GPUAugment (bf16, channels_last)", ITERS * BATCH, t_with)
+    bench.record("augment/step_without_aug", "train step alone (same batches, pre-augmented)",
+                 ITERS * BATCH / t_without, "img/s")
+    bench.record("augment/fraction_of_step", "GPUAugment cost / train step with it", max(0.0, 1 - t_without / t_with),
+                 "fraction", note=f"GPUAugment alone: {t_aug / t_with:.1%} of the step time")
+    bench.record("augment/alone_fraction_of_step", None, t_aug / t_with, "fraction")
