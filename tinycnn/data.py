@@ -22,6 +22,7 @@ import json
 import math
 import multiprocessing
 import os
+import random
 import tarfile
 import warnings
 from dataclasses import dataclass
@@ -257,23 +258,34 @@ class ShardStream(IterableDataset):
             self.skipped.value += 1
         warnings.warn(f"skipping bad sample: shard {shard}, sample {key}: {why}")
 
-    def _decoded(self, stream) -> Iterator[Tuple[torch.Tensor, int]]:
-        # decode_jpeg on a list decodes a batch in one call (less per-image Python overhead)
+    def _batches(self, stream) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
+        """Decode `batch_size` JPEGs per decode_jpeg call (a list: less per-image overhead) and stack them.
+
+        Bad samples are skipped (or raise) one by one; train batches are always full.
+        """
+        images: List[torch.Tensor] = []
+        labels: List[int] = []
         while True:
             chunk = list(itertools.islice(stream, self.batch_size))
             if not chunk:
-                return
+                break
             try:
-                images = decode_jpeg([_as_tensor(jpg) for _, _, jpg, _ in chunk], mode=ImageReadMode.RGB)
+                decoded = decode_jpeg([_as_tensor(jpg) for _, _, jpg, _ in chunk], mode=ImageReadMode.RGB)
             except RuntimeError:  # one bad image fails the list: find it one by one
-                images = [self._decode_one(shard, key, jpg) for shard, key, jpg, _ in chunk]
-            for (shard, key, _, label), img in zip(chunk, images):
+                decoded = [self._decode_one(shard, key, jpg) for shard, key, jpg, _ in chunk]
+            for (shard, key, _, label), img in zip(chunk, decoded):
                 if img is None:
                     continue
-                if tuple(img.shape) != self.image_shape:
+                if img.shape != self.image_shape:
                     self._bad(shard, key, f"image of shape {tuple(img.shape)}, expected {self.image_shape}")
                     continue
-                yield img, label
+                images.append(img)
+                labels.append(label)
+            while len(images) >= self.batch_size:
+                yield torch.stack(images[:self.batch_size]), torch.tensor(labels[:self.batch_size])
+                del images[:self.batch_size], labels[:self.batch_size]
+        if images and not self.train:
+            yield torch.stack(images), torch.tensor(labels)
 
     def _decode_one(self, shard, key, jpg) -> Optional[torch.Tensor]:
         try:
@@ -282,7 +294,7 @@ class ShardStream(IterableDataset):
             self._bad(shard, key, f"JPEG does not decode ({e})")
             return None
 
-    def _shuffled(self, stream, g: torch.Generator):
+    def _shuffled(self, stream, rng: random.Random):
         if self.shuffle_buffer <= 0:  # shard order is still reshuffled each pass
             yield from stream
             return
@@ -291,11 +303,11 @@ class ShardStream(IterableDataset):
             if len(buf) < self.shuffle_buffer:
                 buf.append(item)
                 continue
-            i = int(torch.randint(len(buf), (1,), generator=g))
+            i = rng.randrange(len(buf))
             buf[i], item = item, buf[i]
             yield item
-        order = torch.randperm(len(buf), generator=g).tolist()
-        yield from (buf[i] for i in order)
+        rng.shuffle(buf)
+        yield from buf
 
     def __iter__(self):
         parts = self.my_parts()
@@ -305,28 +317,14 @@ class ShardStream(IterableDataset):
         if self.train:
             def endless():
                 for rep in itertools.count():
-                    g = torch.Generator().manual_seed(hash((self.seed, self.epoch, c, rep)) & (2 ** 62 - 1))
-                    order = torch.randperm(len(parts), generator=g).tolist()
-                    yield from self._shuffled(self.samples([parts[i] for i in order]), g)
+                    rng = random.Random(hash((self.seed, self.epoch, c, rep)))
+                    order = list(range(len(parts)))
+                    rng.shuffle(order)
+                    yield from self._shuffled(self.samples([parts[i] for i in order]), rng)
             stream = endless()
         else:
             stream = self.samples(parts)
-        yield from self._batches(self._decoded(stream))
-
-    def _batches(self, items):
-        images = torch.empty((self.batch_size, *self.image_shape), dtype=torch.uint8)
-        labels = torch.empty(self.batch_size, dtype=torch.int64)
-        n = 0
-        for img, label in items:
-            images[n], labels[n] = img, label
-            n += 1
-            if n == self.batch_size:
-                yield images, labels
-                images = torch.empty_like(images)
-                labels = torch.empty_like(labels)
-                n = 0
-        if n and not self.train:
-            yield images[:n], labels[:n]
+        yield from self._batches(stream)
 
 
 class ShardLoader:
