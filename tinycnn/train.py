@@ -254,9 +254,11 @@ def train(cfg: Dict[str, Any], output: Path, *, resume: bool = False, accelerato
         model = model.to(memory_format=torch.channels_last)
     aug_cfg = dict(cfg["augment"])
     if t["overfit_small"]:
-        aug_cfg["enabled"] = False  # the course project's memorization check: no augmentation, no decay
+        aug_cfg["enabled"] = False
     aug = GPUAugment.from_config(aug_cfg, channels_last=channels_last).to(device)
-    optimizer = build_optimizer(model, t["optimizer"], device)
+    # the memorization check runs without regularization: no augmentation, no weight decay, no smoothing
+    opt_cfg = dict(t["optimizer"], weight_decay=0.0) if t["overfit_small"] else t["optimizer"]
+    optimizer = build_optimizer(model, opt_cfg, device)
     model, optimizer = accelerator.prepare(model, optimizer)
     # stepped once per optimizer step, by us (accelerate's scheduler wrapper would step it per process)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, build_lr_lambda(t["scheduler"], total_steps, steps_per_epoch))
