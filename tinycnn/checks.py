@@ -273,6 +273,8 @@ def run_checks(cfg: Dict[str, Any], output: Union[str, Path], *, accelerator=Non
         output.mkdir(parents=True, exist_ok=True)
         g = torch.Generator(device=device).manual_seed(int(t["seed"]) + 1)
         save_augment_grid(batch[0][:n].to(device), aug, grid_path, nrow=nrow, generator=g)
+        from .train import environment_info
+        results["environment"] = environment_info(accelerator)
         (output / "checks.json").write_text(json.dumps(_jsonable(results), indent=1))
     accelerator.wait_for_everyone()
     return results

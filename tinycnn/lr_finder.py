@@ -238,7 +238,8 @@ def write_results(result: Dict[str, Any], output: Union[str, Path], plot: bool =
         for p in result["points"]:
             w.writerow([p["step"], repr(p["lr"]), "" if p["loss"] is None else repr(p["loss"]),
                         "" if p["smoothed_loss"] is None else repr(p["smoothed_loss"])])
-    (output / "lr_finder.json").write_text(json.dumps(result, indent=1))
+    from .train import environment_info
+    (output / "lr_finder.json").write_text(json.dumps({**result, "environment": environment_info()}, indent=1))
     png = plot_lr_finder(result, output / "lr_finder.png") if plot else None
     return {"csv": output / "lr_finder.csv", "json": output / "lr_finder.json", "png": png}
 

@@ -916,18 +916,19 @@ def _curves(records: List[Dict[str, Any]], key: str) -> Tuple[List[int], List[fl
 
 def _settings(cfg: Optional[Dict[str, Any]]) -> str:
     """The training settings of a config in one line, as train.py applies them (an overfit run trains
-    without augmentation and label smoothing whatever the config says)."""
+    without augmentation, weight decay and label smoothing whatever the config says)."""
     if not cfg:
         return "(no config.yaml)"
     t = cfg.get("train") or {}
     o, s = t.get("optimizer") or {}, t.get("scheduler") or {}
     overfit = bool(t.get("overfit_small"))
     smoothing = 0.0 if overfit else t.get("label_smoothing")
+    decay = 0.0 if overfit else o.get("weight_decay")
     augment = not overfit and (cfg.get("augment") or {}).get("enabled", True)
     d = cfg.get("data") or {}
     splits = (f", trained on split `{d.get('train_split')}`, validated on `{d.get('val_split')}`"
               if (d.get("train_split", "train"), d.get("val_split", "val")) != ("train", "val") else "")
-    return (f"{o.get('name')} lr {_sci(o.get('lr'))}, weight decay {_sci(o.get('weight_decay'))}, scheduler "
+    return (f"{o.get('name')} lr {_sci(o.get('lr'))}, weight decay {_sci(decay)}, scheduler "
             f"{s.get('name')}, batch {t.get('batch_size')}, label smoothing {smoothing}, "
             f"augmentation {'on' if augment else 'off'}{splits}")
 
@@ -959,7 +960,7 @@ def section_overfit(ctx: _Context) -> List[str]:
                 + (f"best val accuracy **{_pct(best['val/accuracy'])}** (epoch {best['epoch']}), val loss "
                    f"{_num(rec[-1].get('val/loss'))} at the end. " if best else "no val evaluation. ")
                 + "A model that can learn drives the train loss towards 0 on so few images while the val loss "
-                  "stops falling or rises. (train.py logs no train accuracy: the accuracy panel shows val only.)", ""]
+                  "stops falling or rises, and the train accuracy approaches 100%.", ""]
     return out
 
 
@@ -986,7 +987,10 @@ def _plot_overfit(ctx: _Context, run: Dict[str, Any]) -> str:
     ax1.set_ylabel("cross-entropy loss")
     ax1.set_title("Loss")
     _plot_val_accuracy(ax2, rec)
-    ax2.set_title("Val accuracy (train accuracy is not logged)")
+    x, y = _curves(rec, "train/accuracy")
+    if y:  # runs from before train.py logged it have none
+        ax2.plot(x, y, "o-", color="C0", label="train top-1 (subset)")
+    ax2.set_title("Accuracy" if y else "Val accuracy (this run logged no train accuracy)")
     last = rec[-1]["epoch"]
     _epoch_axis(ax1, last)
     _epoch_axis(ax2, last)
@@ -1360,6 +1364,12 @@ def section_reproducibility(ctx: _Context, command: Optional[Sequence[str]]) -> 
         if g.get("run_info"):
             infos.append((f"grid search {g['name']} (its first run)", g["run_info"],
                           (g.get("base") or {}).get("seed", "-")))
+    for path, c in ctx.checks:
+        if c.get("environment"):
+            infos.append((f"checks {Path(path).name}", c["environment"], "-"))
+    for r in ctx.lr_finders:
+        if r.get("environment"):
+            infos.append((f"LR finder {r['name']}", r["environment"], "-"))
     main = ctx.main_run()
     if not runs and not infos:
         out += missing("no training run folder (config.yaml, run.json)", "python recipes/train.py")
@@ -1370,7 +1380,6 @@ def section_reproducibility(ctx: _Context, command: Optional[Sequence[str]]) -> 
             text = shlex.join(cmd) if isinstance(cmd, list) else str(cmd)
             out += [f"- {name} (started {info.get('started', '?')}, in `{info.get('cwd', '?')}`):", "",
                     f"  ```bash\n  {text}\n  ```", ""]
-        out += ["(checks.json and lr_finder.json do not record the command that wrote them.)", ""]
     without = [r["name"] for r in runs if not r.get("info")]
     if without:
         out += missing(f"no run.json in {', '.join(without)} (written by train.py since runs record their "

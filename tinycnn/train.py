@@ -310,6 +310,7 @@ def train(cfg: Dict[str, Any], output: Path, *, resume: bool = False, accelerato
             skip = (state["step"] - epoch * steps_per_epoch) * t["grad_accum_steps"]
             task = bar.add_task(f"epoch {epoch + 1}/{epochs}", total=len(batches), info="")
             loss_sum = torch.zeros((), device=device)
+            correct_sum = torch.zeros((), dtype=torch.int64, device=device)
             loss_count, seen, t0 = 0, 0, time.perf_counter()
             for i, (images, labels) in enumerate(batches):
                 if i < skip:
@@ -318,13 +319,15 @@ def train(cfg: Dict[str, Any], output: Path, *, resume: bool = False, accelerato
                 with accelerator.accumulate(model):
                     x = aug(images)
                     with accelerator.autocast():
-                        loss = F.cross_entropy(forward(x), labels, label_smoothing=label_smoothing)
+                        logits = forward(x)
+                        loss = F.cross_entropy(logits, labels, label_smoothing=label_smoothing)
                     accelerator.backward(loss)
                     if t["grad_clip"] and accelerator.sync_gradients:
                         accelerator.clip_grad_norm_(model.parameters(), t["grad_clip"])
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
                 loss_sum += loss.detach()
+                correct_sum += (logits.detach().argmax(dim=1) == labels).sum()
                 loss_count += 1
                 seen += images.shape[0]
                 if accelerator.sync_gradients:
@@ -370,8 +373,10 @@ def train(cfg: Dict[str, Any], output: Path, *, resume: bool = False, accelerato
                 summary_stop = f"stopped by {stop['signal']} at step {state['step']}"
                 break
             epoch_done = state["step"] >= (epoch + 1) * steps_per_epoch or state["step"] >= total_steps
+            counts = accelerator.reduce(torch.stack([correct_sum, torch.tensor(seen, device=device)]), reduction="sum")
             record = {"epoch": epoch + 1, "step": state["step"], "train/loss": train_loss,
-                      "train/loss_epoch": train_loss, "lr": scheduler.get_last_lr()[0],
+                      "train/loss_epoch": train_loss, "train/accuracy": counts[0].item() / max(counts[1].item(), 1),
+                      "lr": scheduler.get_last_lr()[0],
                       "images_per_sec": seen * world / max(train_time, 1e-9)}
             if epoch_done and ((epoch + 1) % t["eval_every"] == 0 or state["step"] >= total_steps):
                 val = evaluate(model, val_loader, accelerator, num_classes, transform=aug.eval_transform)
