@@ -135,20 +135,21 @@ def evaluate(model, loader, accelerator: Accelerator, num_classes: int, transfor
     was_training = model.training
     model.eval()
     device = accelerator.device
-    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-    correct = torch.zeros(num_classes, dtype=torch.float64, device=device)
-    top5 = torch.zeros((), dtype=torch.float64, device=device)
-    count = torch.zeros(num_classes, dtype=torch.float64, device=device)
+    acc_dtype = torch.float32 if device.type == "mps" else torch.float64  # MPS has no float64
+    loss_sum = torch.zeros((), dtype=acc_dtype, device=device)
+    correct = torch.zeros(num_classes, dtype=acc_dtype, device=device)
+    top5 = torch.zeros((), dtype=acc_dtype, device=device)
+    count = torch.zeros(num_classes, dtype=acc_dtype, device=device)
     for images, labels in DevicePrefetcher(loader, device):
         with accelerator.autocast():
             logits = model(transform(images))
         logits = logits.float()
-        loss_sum += F.cross_entropy(logits, labels, reduction="sum").double()
+        loss_sum += F.cross_entropy(logits, labels, reduction="sum").to(acc_dtype)
         k = min(5, num_classes)
         topk = logits.topk(k, dim=1).indices
-        hit1 = (topk[:, 0] == labels).double()
+        hit1 = (topk[:, 0] == labels).to(acc_dtype)
         correct.index_add_(0, labels, hit1)
-        top5 += (topk == labels[:, None]).any(dim=1).double().sum()
+        top5 += (topk == labels[:, None]).any(dim=1).to(acc_dtype).sum()
         count.index_add_(0, labels, torch.ones_like(hit1))
     stats = accelerator.reduce(torch.cat([loss_sum[None], top5[None], correct, count]), reduction="sum")
     loss_sum, top5, correct, count = stats[0], stats[1], stats[2:2 + num_classes], stats[2 + num_classes:]
