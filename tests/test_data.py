@@ -249,3 +249,22 @@ def test_fast_tar_reader_on_real_shards(sample_shards):
     from tinycnn.data import tar_samples
     for shard in sorted(sample_shards.glob("*.tar"))[:5]:
         assert list(tar_samples(str(shard))) == _wds_samples(str(shard))
+
+
+def test_persistent_workers_follow_set_epoch_and_early_stops(tmp_path):
+    root = make_shards(tmp_path / "s", num_samples=103, num_shards=4)
+    loader = build_loader(root, "train", batch_size=8, train=True, num_workers=2, seed=3)
+    reference = build_loader(root, "train", batch_size=8, train=True, num_workers=2, seed=3)
+    e0 = torch.cat([y for _, y in loader])
+    first = loader._loader
+    loader.set_epoch(1)
+    e1 = torch.cat([y for _, y in loader])
+    assert loader._loader is first  # the same worker processes served both epochs
+    assert not torch.equal(e0, e1)
+    # a fresh loader told epoch 1 up front gives what the persistent workers gave
+    reference.set_epoch(1)
+    assert torch.equal(e1, torch.cat([y for _, y in reference]))
+    # an epoch abandoned after one batch leaves nothing behind for the next one
+    loader.set_epoch(0)
+    next(iter(loader))
+    assert torch.equal(e0, torch.cat([y for _, y in loader]))

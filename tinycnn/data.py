@@ -210,8 +210,17 @@ class ShardStream(IterableDataset):
         self.shards, self.batch_size, self.train = list(shards), batch_size, train
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.shuffle_buffer, self.image_shape, self.skip_bad = shuffle_buffer, tuple(image_shape), skip_bad
-        self.epoch = 0
-        self.skipped = multiprocessing.Value("i", 0)  # shared with the worker processes
+        # shared with the worker processes: persistent workers see set_epoch, the main process sees skips
+        self._epoch = multiprocessing.Value("i", 0)
+        self.skipped = multiprocessing.Value("i", 0)
+
+    @property
+    def epoch(self) -> int:
+        return self._epoch.value
+
+    @epoch.setter
+    def epoch(self, value: int):
+        self._epoch.value = value
 
     def consumer(self) -> Tuple[int, int]:
         info = get_worker_info()
@@ -334,6 +343,7 @@ class ShardLoader:
         self.stream, self.num_samples, self.num_workers = stream, num_samples, num_workers
         self.pin_memory = pin_memory
         self.batch_size = stream.batch_size
+        self._loader: Optional[DataLoader] = None
         if stream.train:
             self.num_batches = num_samples // (stream.batch_size * stream.world_size)
             if self.num_batches == 0:
@@ -356,13 +366,18 @@ class ShardLoader:
         return self.num_batches
 
     def __iter__(self):
-        loader = DataLoader(self.stream, batch_size=None, num_workers=self.num_workers, pin_memory=self.pin_memory,
-                            prefetch_factor=4 if self.num_workers else None)
-        it = iter(loader)
-        try:
-            yield from itertools.islice(it, self.num_batches) if self.stream.train else it
-        finally:
-            del it  # shuts the workers down when an epoch stops early
+        if self._loader is None:
+            # persistent workers: no process start-up per epoch; each epoch restarts their streams
+            # (DataLoader discards batches prefetched for an epoch that stopped early)
+            self._loader = DataLoader(self.stream, batch_size=None, num_workers=self.num_workers,
+                                      pin_memory=self.pin_memory, persistent_workers=self.num_workers > 0,
+                                      prefetch_factor=4 if self.num_workers else None)
+        it = iter(self._loader)
+        return itertools.islice(it, self.num_batches) if self.stream.train else it
+
+    def close(self):
+        """Stop the worker processes (they start again on the next iteration)."""
+        self._loader = None
 
 
 def build_loader(
@@ -522,6 +537,7 @@ class DeviceResidentLoader:
                 served += 1
                 pending = [(xs[self.batch_size:], ys[self.batch_size:])]
         self.images, self.labels = torch.cat(images), torch.cat(labels)
+        self.loader.close()  # its workers are not needed again
         while served < self.num_batches:  # short rank: fill from the cache
             sel = self._perm(self.images.shape[0])[:self.batch_size]
             yield self.images[sel], self.labels[sel]

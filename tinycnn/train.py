@@ -379,6 +379,11 @@ def train(cfg: Dict[str, Any], output: Path, *, resume: bool = False, accelerato
                       "train/loss_epoch": train_loss, "train/accuracy": counts[0].item() / max(counts[1].item(), 1),
                       "lr": scheduler.get_last_lr()[0],
                       "images_per_sec": seen * world / max(train_time, 1e-9)}
+            if world > 1:
+                # DDP syncs BatchNorm statistics from rank 0 only at the start of a forward: after the last
+                # step each rank holds its own. Evaluate (and save) rank 0's on every rank.
+                for buf in unwrap_model(model).buffers():
+                    torch.distributed.broadcast(buf.data, src=0)
             if epoch_done and ((epoch + 1) % t["eval_every"] == 0 or state["step"] >= total_steps):
                 val = evaluate(model, val_loader, accelerator, num_classes, transform=aug.eval_transform)
                 record.update({"val/loss": val["loss"], "val/accuracy": val["accuracy"], "val/top5": val["top5"]})
