@@ -265,6 +265,8 @@ def train(cfg: Dict[str, Any], output: Path, *, resume: bool = False, accelerato
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, build_lr_lambda(t["scheduler"], total_steps, steps_per_epoch))
     accelerator.register_for_checkpointing(scheduler)
     forward = torch.compile(model) if t["compile"] else model
+    # GPUAugment is ~100 small kernels: compiling apply() fuses them (sample() stays eager: it draws the RNG)
+    augment = torch.compile(aug.apply) if t["compile"] and aug.enabled else aug.apply
     label_smoothing = 0.0 if t["overfit_small"] else t["label_smoothing"]
 
     # --- state: resume continues the same schedule and step count
@@ -318,7 +320,7 @@ def train(cfg: Dict[str, Any], output: Path, *, resume: bool = False, accelerato
                     bar.advance(task)
                     continue
                 with accelerator.accumulate(model):
-                    x = aug(images)
+                    x = augment(images, aug.sample(images.shape[0], device=device))
                     with accelerator.autocast():
                         logits = forward(x)
                         loss = F.cross_entropy(logits, labels, label_smoothing=label_smoothing)
