@@ -268,3 +268,18 @@ def test_persistent_workers_follow_set_epoch_and_early_stops(tmp_path):
     loader.set_epoch(0)
     next(iter(loader))
     assert torch.equal(e0, torch.cat([y for _, y in loader]))
+
+
+def test_pil_decoding_when_torchvision_has_no_jpeg_decoder(tmp_path, monkeypatch):
+    import tinycnn.data as data
+    root = make_shards(tmp_path / "s", num_samples=20, num_shards=2, corrupt=3)
+    with pytest.warns(UserWarning, match="s3"):
+        expected = [x for x, _ in build_loader(root, "train", batch_size=8, train=False, num_workers=0, skip_bad=True)]
+    monkeypatch.setattr(data, "decode_jpeg", None)
+    loader = build_loader(root, "train", batch_size=8, train=False, num_workers=0, skip_bad=True)
+    with pytest.warns(UserWarning, match="s3"):
+        got = [x for x, _ in loader]
+    assert loader.skipped == 1 and sum(len(x) for x in got) == 19
+    # libjpeg through PIL or torchvision: the same decoder, within rounding of the IDCT
+    for a, b in zip(expected, got):
+        assert a.shape == b.shape and (a.int() - b.int()).abs().max() <= 2

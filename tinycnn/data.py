@@ -31,7 +31,10 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from torchvision.io import ImageReadMode, decode_jpeg
+try:  # torchvision 0.29 deprecates its image io in favour of torchcodec; PIL when it is gone
+    from torchvision.io import ImageReadMode, decode_jpeg
+except ImportError:
+    decode_jpeg = None
 from webdataset.tariterators import group_by_keys, tar_file_iterator
 
 __all__ = [
@@ -195,7 +198,27 @@ def _as_tensor(data: bytes) -> torch.Tensor:
 
 def decode_image(data: bytes) -> torch.Tensor:
     """JPEG bytes -> uint8 (3, H, W); grayscale becomes 3 channels."""
+    if decode_jpeg is None:
+        return _decode_pil(data)
     return decode_jpeg(_as_tensor(data), mode=ImageReadMode.RGB)
+
+
+def _decode_pil(data: bytes) -> torch.Tensor:
+    import numpy as np
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            rgb = np.asarray(im.convert("RGB"))
+    except (OSError, SyntaxError, ValueError) as e:  # PIL's errors for broken images
+        raise RuntimeError(str(e)) from None
+    return torch.from_numpy(rgb.copy()).permute(2, 0, 1).contiguous()
+
+
+def _decode_list(blobs: List[bytes]) -> List[torch.Tensor]:
+    if decode_jpeg is None:
+        return [_decode_pil(b) for b in blobs]
+    return decode_jpeg([_as_tensor(b) for b in blobs], mode=ImageReadMode.RGB)
 
 
 class ShardStream(IterableDataset):
@@ -279,7 +302,7 @@ class ShardStream(IterableDataset):
             if not chunk:
                 break
             try:
-                decoded = decode_jpeg([_as_tensor(jpg) for _, _, jpg, _ in chunk], mode=ImageReadMode.RGB)
+                decoded = _decode_list([jpg for _, _, jpg, _ in chunk])
             except RuntimeError:  # one bad image fails the list: find it one by one
                 decoded = [self._decode_one(shard, key, jpg) for shard, key, jpg, _ in chunk]
             for (shard, key, _, label), img in zip(chunk, decoded):
