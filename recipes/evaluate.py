@@ -35,7 +35,6 @@ def main() -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from tinycnn.data import build_loader, read_manifest
     from tinycnn.evaluation import evaluate_checkpoint
     from tinycnn.train import make_accelerator
 

@@ -870,7 +870,7 @@ def section_model(ctx: _Context) -> List[str]:
                 f"{il.get('tolerance')}): **{'ok' if il.get('ok') else 'FLAGGED'}**.", ""]
     gr = c.get("gradients") or {}
     if gr:
-        out += [f"**Gradients** after one backward pass: "
+        out += ["**Gradients** after one backward pass: "
                 + (f"all {gr.get('num_param_tensors')} parameter tensors get a non-zero gradient (norm "
                    f"{_sci(gr.get('grad_norm'))})" if gr.get("ok") else
                    f"{gr.get('num_params_with_zero_grad')} without gradient "
