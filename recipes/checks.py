@@ -14,7 +14,9 @@ Exits 0 when every check passes, 1 when one is flagged, 2 on an error (e.g. batc
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+_CHECKOUT = Path(__file__).resolve().parents[1]
+if (_CHECKOUT / "tinycnn" / "__init__.py").is_file():  # run from a checkout without installing
+    sys.path.insert(0, str(_CHECKOUT))
 
 from tinycnn.cli import (config_from_args, recipe_parser, ensure_data,  # noqa: E402
                          relaunch_multi_cpu, run_main)
@@ -53,5 +55,10 @@ def main() -> int:
     return 0 if results["passed"] else 1
 
 
-if __name__ == "__main__":
+def cli():
+    """The installed console script."""
     sys.exit(run_main(main))
+
+
+if __name__ == "__main__":
+    cli()

@@ -23,7 +23,9 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+_CHECKOUT = Path(__file__).resolve().parents[1]
+if (_CHECKOUT / "tinycnn" / "__init__.py").is_file():  # run from a checkout without installing
+    sys.path.insert(0, str(_CHECKOUT))
 
 from tinycnn.cli import run_main  # noqa: E402
 
@@ -53,5 +55,10 @@ def main() -> int:
     return 0
 
 
-if __name__ == "__main__":
+def cli():
+    """The installed console script."""
     sys.exit(run_main(main))
+
+
+if __name__ == "__main__":
+    cli()

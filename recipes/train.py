@@ -13,7 +13,9 @@ metrics.jsonl, state/ (resumable), tb/ (TensorBoard). With no data prepared it p
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+_CHECKOUT = Path(__file__).resolve().parents[1]
+if (_CHECKOUT / "tinycnn" / "__init__.py").is_file():  # run from a checkout without installing
+    sys.path.insert(0, str(_CHECKOUT))
 
 from tinycnn.cli import config_from_args, recipe_parser, ensure_data, relaunch_multi_cpu, run_main  # noqa: E402
 
@@ -50,5 +52,10 @@ def main() -> int:
     return 0
 
 
-if __name__ == "__main__":
+def cli():
+    """The installed console script."""
     sys.exit(run_main(main))
+
+
+if __name__ == "__main__":
+    cli()

@@ -1,0 +1,1 @@
+"""The recipes, installed as the package tinycnn.recipes (console scripts tinycnn-train, ...)."""
