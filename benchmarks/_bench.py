@@ -93,15 +93,10 @@ class Goal:
 
 
 def _fmt(v: Optional[float], kind: str) -> str:
+    """A goal's figure: kind ratio (x), fraction (%) or img/s, written like the measured values."""
     if v is None:
         return "-"
-    if kind == "fraction":
-        return f"{v:.1%}"
-    if kind == "ratio":
-        return f"{v:.2f}x"
-    if kind == "img/s":
-        return f"{v:,.0f} img/s"
-    return f"{v:.3g}"
+    return _value_text({"value": v, "unit": "x" if kind == "ratio" else kind})
 
 
 GOALS: List[Goal] = [

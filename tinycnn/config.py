@@ -93,10 +93,6 @@ DEFAULTS: Dict[str, Any] = {
     },
 }
 
-# keys whose value is free-form (no nested validation)
-_LEAF_DICTS = set()
-
-
 class ConfigError(ValueError):
     pass
 
@@ -131,7 +127,7 @@ def _merge(base: Dict[str, Any], update: Dict[str, Any], where: str = "") -> Dic
         path = f"{where}{key}"
         if key not in base:
             raise ConfigError(f"unknown config key {path!r}{_closest(key, base)}")
-        if isinstance(base[key], dict) and path not in _LEAF_DICTS:
+        if isinstance(base[key], dict):
             if not isinstance(value, dict):
                 raise ConfigError(f"config key {path!r} holds a section, got {value!r}")
             _merge(base[key], value, f"{path}.")

@@ -22,6 +22,7 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 
 from .augment import GPUAugment, eval_transform
+from .config import flatten
 from .data import DevicePrefetcher, DeviceResidentLoader, build_loader, read_manifest
 from .weights import atomic_write, save_model, unwrap_model
 
@@ -285,7 +286,7 @@ def train(cfg: Dict[str, Any], output: Path, *, resume: bool = False, accelerato
         if not resume and (output / "metrics.jsonl").exists():
             (output / "metrics.jsonl").unlink()
     accelerator.init_trackers("tb", config={k: v if isinstance(v, (int, float, str, bool)) else str(v)
-                                            for k, v in _flat(cfg).items()})
+                                            for k, v in flatten(cfg).items()})
     logger = RunLogger(accelerator, output)
 
     def save_state(reason: str):
@@ -445,11 +446,6 @@ def environment_info(accelerator: Optional[Accelerator] = None) -> Dict[str, Any
         info.update(num_processes=accelerator.num_processes, device=str(accelerator.device),
                     mixed_precision=accelerator.mixed_precision)
     return info
-
-
-def _flat(cfg, prefix=""):
-    from .config import flatten
-    return flatten(cfg, prefix)
 
 
 def _epoch_line(r: Dict[str, Any]) -> str:
