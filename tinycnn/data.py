@@ -35,7 +35,8 @@ try:  # torchvision 0.29 deprecates its image io in favour of torchcodec; PIL wh
     from torchvision.io import ImageReadMode, decode_jpeg
 except ImportError:
     decode_jpeg = None
-from webdataset.tariterators import group_by_keys, tar_file_iterator
+
+from .tar import tar_samples
 
 __all__ = [
     "ShardError", "read_manifest", "split_shards", "ShardStream", "ShardLoader", "build_loader",
@@ -83,100 +84,6 @@ def split_shards(shards: Sequence[Tuple[str, int]], consumer: int, num_consumers
     j = consumer % n
     sharing = len(range(j, num_consumers, n))  # consumers reading shard j
     return [ShardPart(shards[j][0], shards[j][1], start=consumer // n, step=sharing)]
-
-
-class _NotPlainTar(Exception):
-    """A tar feature the fast reader leaves to tarfile (long names, pax headers, links...)."""
-
-
-def _pax_records(content: bytes) -> Dict[str, str]:
-    """'<len> key=value\n' records of a pax extended header."""
-    out, pos = {}, 0
-    while pos < len(content):
-        length = int(content[pos:content.index(b" ", pos)])
-        key, _, value = content[content.index(b" ", pos) + 1:pos + length - 1].partition(b"=")
-        out[key.decode("utf-8")] = value.decode("utf-8")
-        pos += length
-    return out
-
-
-def _plain_tar_members(data: bytes) -> Iterator[Tuple[str, bytes]]:
-    """(name, content) of the regular files of a ustar/pax/GNU tar held in memory.
-
-    Python's tarfile costs ~150 us a member; the shards hold three small members a sample, which made
-    tar reading, not JPEG decoding, the loader's limit. Walking the 512-byte headers directly is ~5x
-    faster. Member kinds other than files, folders, pax and GNU long-name headers raise _NotPlainTar
-    (-> tarfile).
-    """
-    pos, end = 0, len(data)
-    override: Dict[str, str] = {}  # from a pax or GNU long-name header, for the next member
-    while pos + 512 <= end:
-        header = data[pos:pos + 512]
-        if header.count(0) == 512:  # end-of-archive block
-            return
-        stored = header[148:156].split(b"\0", 1)[0].strip()
-        if not stored or int(stored, 8) != sum(header[:148]) + 256 + sum(header[156:]):
-            raise tarfile.ReadError(f"bad tar header checksum at byte {pos}")
-        kind = header[156:157]
-        size = int(header[124:136].split(b"\0", 1)[0].strip() or b"0", 8)
-        pos += 512
-        if pos + size > end:
-            raise EOFError(f"a member runs past the end of the file at byte {pos} (truncated shard)")
-        content = data[pos:pos + size]
-        pos += (size + 511) // 512 * 512
-        if kind == b"x":
-            override = _pax_records(content)
-            if "size" in override:
-                raise _NotPlainTar  # sizes over 8 GiB: not in our shards
-            continue
-        if kind == b"L":
-            override = {"path": content.rstrip(b"\0").decode("utf-8")}
-            continue
-        if kind == b"g":
-            continue
-        if kind not in (b"0", b"\0", b"5"):
-            raise _NotPlainTar
-        name = override.get("path")
-        if name is None:
-            name = header[:100].split(b"\0", 1)[0].decode("utf-8")
-            if header[257:262] == b"ustar" and header[345] != 0:
-                name = header[345:500].split(b"\0", 1)[0].decode("utf-8") + "/" + name
-        override = {}
-        if kind != b"5":
-            yield name, content
-
-
-def tar_samples(path: str) -> Iterator[Dict[str, bytes]]:
-    """WebDataset samples of a shard: {'__key__': key, ext: bytes, ...}, members grouped by key."""
-    with open(path, "rb") as f:
-        data = f.read()
-    members, error = [], None
-    try:
-        for member in _plain_tar_members(data):
-            members.append(member)
-    except _NotPlainTar:  # webdataset's reader for tars written by other tools
-        for sample in group_by_keys({**m, "__url__": path} for m in tar_file_iterator(io.BytesIO(data))):
-            sample.pop("__url__", None)
-            yield sample
-        return
-    except (tarfile.ReadError, EOFError, ValueError) as e:
-        error = e  # yield the samples before the damage, then report it
-    sample: Dict[str, bytes] = {}
-    for name, content in members:
-        folder, _, base = name.rpartition("/")
-        if "." not in base or base.startswith("__"):
-            continue
-        key, ext = base.split(".", 1)  # webdataset's rule: the key ends at the first dot
-        key = f"{folder}/{key}" if folder else key
-        if sample and sample["__key__"] != key:
-            yield sample
-            sample = {}
-        sample["__key__"] = key
-        sample[ext.lower()] = content
-    if sample and error is None:  # a sample cut by the damage may be incomplete
-        yield sample
-    if error is not None:
-        raise error
 
 
 def _subset(shards: Sequence[Tuple[str, int]], size: Optional[int]) -> List[Tuple[str, int]]:
