@@ -561,7 +561,11 @@ def _lock(out: Path):
     import fcntl
     path = out.with_name(out.name + ".lock")
     while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise PrepareError(f"cannot create {path} ({e.strerror}); choose an --out in a folder you can write") \
+                from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -706,7 +710,12 @@ def prepare(source, out, *, holdout_per_class: int = 50, seed: int = 0,
     settings = {"holdout_per_class": holdout_per_class, "seed": seed, "include_unlabeled": include_unlabeled,
                 "compress": compress}
 
-    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.exists() and not out.is_dir():
+        raise PrepareError(f"{out} exists and is not a folder; choose a new or empty folder")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise PrepareError(f"cannot create {out.parent} ({e.strerror}); choose another --out") from None
     with _lock(out):
         _remove_stale(out, Console(stderr=True))
         existing = _read_manifest(out)
