@@ -944,6 +944,14 @@ def _download_official(out: Path, where: Path, url: str, md5: Optional[str], sha
     return download(where, url, md5, sha256=sha256, progress=progress)
 
 
+def _why_unprepared(out: Path) -> str:
+    if not out.exists():
+        return "does not exist"
+    if out.is_dir() and not any(out.iterdir()):
+        return "is empty"
+    return "holds no prepared dataset (no complete manifest.json)"
+
+
 def ensure_prepared(out, *, source=None, download: bool = False, url: str = DEFAULT_URL,
                     md5: Optional[str] = OFFICIAL_MD5, **prepare_kwargs) -> Path:
     """Return `out` once it holds a complete prepared dataset made from `source` (when given).
@@ -966,9 +974,7 @@ def ensure_prepared(out, *, source=None, download: bool = False, url: str = DEFA
         return out
     if source is None:
         if not download:
-            state = "does not exist" if not out.exists() else (
-                "is empty" if out.is_dir() and not any(out.iterdir()) else "holds no prepared dataset (no manifest.json)")
-            raise PrepareError(f"shards folder {out} {state}; prepare it first: "
+            raise PrepareError(f"shards folder {out} {_why_unprepared(out)}; prepare it first: "
                                f"tinycnn-prepare /path/to/tiny-imagenet-200.zip --out {out}")
         source = _download_official(out, out.parent / "downloads", url, md5,
                                     progress=prepare_kwargs.get("progress", True))
@@ -998,9 +1004,9 @@ removed by the next run if this one is killed); DIR.lock stops a second prepare 
 manifest.json records the source's path, size and fingerprint: re-running with another source
 into a prepared DIR is an error unless --force.
 
---compress writes gzip-compressed shards (<split>-NNNNN.tar.gz, ~0.5x the bytes of plain ones;
-webdataset and timm read them as they are): for readers that pay for bandwidth (object storage, HTTP).
-On a local disk plain shards read a little faster.
+--compress writes gzip-compressed shards (<split>-NNNNN.tar.gz, ~0.4x the bytes of plain ones, ~0.7x
+the JPEG bytes; webdataset, timm and tinycnn read them as they are): for readers that pay for
+bandwidth (object storage, HTTP, many nodes). On a local disk plain shards read faster.
 
 examples:
   tinycnn-prepare ~/Downloads/tiny-imagenet-200.zip --out shards/tiny-imagenet
@@ -1047,7 +1053,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--include-unlabeled-test", dest="include_unlabeled", action="store_true",
                    help=argparse.SUPPRESS)  # the flag's old name
     p.add_argument("--compress", action="store_true",
-                   help="gzip-compressed shards (<split>-NNNNN.tar.gz): about half the bytes, for remote readers")
+                   help="gzip-compressed shards (<split>-NNNNN.tar.gz): ~0.4x the bytes, for remote readers")
     p.add_argument("--workers", type=int, default=None, metavar="N",
                    help="processes for the decode check and the shard writing (default: all usable cores)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars and no summary table")
