@@ -41,16 +41,15 @@ def main() -> int:
 
     from rich.console import Console
 
-    from tinycnn.report import build_report, report_summary
+    from tinycnn.report import write_report
 
-    path = build_report(args.inputs, args.output, title=args.title, top=args.top,
-                        command=["python", "recipes/report.py", *sys.argv[1:]])
-    summary = report_summary(path)
+    report = write_report(args.inputs, args.output, title=args.title, top=args.top,
+                          command=["python", "recipes/report.py", *sys.argv[1:]])
     console = Console()
-    for name, is_missing in summary["sections"].items():
-        state = "[yellow]input missing[/yellow]" if is_missing else "[green]ok[/green]"
-        console.print(f"  {name:<18} {state}", highlight=False)
-    console.print(f"wrote {path} and {len(summary['figures'])} figures in {Path(args.output) / 'figures'}",
+    for section in report.sections:
+        state = "[yellow]input missing[/yellow]" if section.missing else "[green]ok[/green]"
+        console.print(f"  {section.title:<18} {state}", highlight=False)
+    console.print(f"wrote {report.path} and {len(report.figures)} figures in {Path(args.output) / 'figures'}",
                   highlight=False)
     return 0
 

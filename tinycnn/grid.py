@@ -11,6 +11,8 @@ the grid goes on.
 After each run the table of results, sorted by best val accuracy, is written as OUTPUT/results.md,
 OUTPUT/results.csv and OUTPUT/results.json, and each run's hparams and final metrics go to
 OUTPUT/<name>/tb/hparams for TensorBoard's HParams view (`tensorboard --logdir OUTPUT`).
+`load_results(OUTPUT)` reads a grid's results back (the tables, else the run folders); a run's settings
+come from its config.yaml, never from its name.
 
 Spreading: `part=(i, n)` runs the slice plan[i::n] (tables OUTPUT/results-part-<i>-of-<n>.*);
 `launch_parts` starts one such process per GPU and `collect_results` merges every run's folder into
@@ -34,11 +36,12 @@ import yaml
 
 from .config import flatten
 from .data import read_manifest
+from .formatting import count, dashed, number, percent
 
-__all__ = ["GridRun", "format_lr", "format_wd", "run_name", "grid_plan", "run_config", "parse_part", "select_part",
-           "expected_steps", "read_metrics", "run_status", "run_result", "sort_results", "results_markdown",
-           "write_results", "write_hparams", "run_grid", "collect_results", "child_argv", "launch_parts",
-           "print_results", "RESULT_COLUMNS"]
+__all__ = ["GridRun", "format_lr", "format_wd", "format_value", "short_name", "run_name", "is_run_folder", "grid_plan",
+           "run_config", "parse_part", "select_part", "expected_steps", "read_metrics", "best_record", "run_status",
+           "run_result", "sort_results", "results_markdown", "write_results", "load_results", "write_hparams",
+           "run_grid", "collect_results", "child_argv", "launch_parts", "print_results", "RESULT_COLUMNS"]
 
 RESULT_COLUMNS = ["rank", "index", "name", "lr", "weight_decay", "stage_channels", "stage_repeats", "num_parameters",
                   "val_accuracy", "val_loss", "best_epoch", "epochs", "final_train_loss", "status"]
@@ -73,15 +76,22 @@ def format_wd(x: float) -> str:
     return dec if len(dec) <= len(exp) and float(dec) == x else exp
 
 
-def _dashed(values: Sequence[int]) -> str:
-    return "-".join(str(int(v)) for v in values)
+def short_name(index: int) -> str:
+    """gs_<3-digit index>: the start of a run's name, enough to tell runs apart where the settings are shown."""
+    return f"gs_{index:03d}"
 
 
 def run_name(index: int, lr: float, weight_decay: float, stage_channels: Sequence[int],
              stage_repeats: Sequence[int]) -> str:
-    """gs_<3-digit index>_lr=<lr>_wd=<wd>_ch=<c1-c2-..>_rep=<r1-r2-..>"""
-    return (f"gs_{index:03d}_lr={format_lr(lr)}_wd={format_wd(weight_decay)}"
-            f"_ch={_dashed(stage_channels)}_rep={_dashed(stage_repeats)}")
+    """gs_<3-digit index>_lr=<lr>_wd=<wd>_ch=<c1-c2-..>_rep=<r1-r2-..>: written, never parsed back."""
+    return (f"{short_name(index)}_lr={format_lr(lr)}_wd={format_wd(weight_decay)}"
+            f"_ch={dashed(stage_channels)}_rep={dashed(stage_repeats)}")
+
+
+def is_run_folder(path: Union[str, Path]) -> bool:
+    """A grid run's folder: named gs_..., holding the run's metrics.jsonl."""
+    path = Path(path)
+    return path.name.startswith("gs_") and (path / "metrics.jsonl").is_file()
 
 
 @dataclass(frozen=True)
@@ -195,6 +205,12 @@ def read_metrics(run_dir: Union[str, Path]) -> List[Dict[str, Any]]:
     return [by_epoch[e] for e in sorted(by_epoch)]
 
 
+def best_record(records: Sequence[Dict[str, Any]]) -> Optional[Dict[str, Any]]:
+    """The epoch record with the best val accuracy (the first of equals), None when no epoch was evaluated."""
+    evals = [r for r in records if r.get("val/accuracy") is not None]
+    return max(evals, key=lambda r: r["val/accuracy"]) if evals else None
+
+
 def _comparable(cfg: Dict[str, Any]) -> Dict[str, Any]:
     flat = flatten(cfg)
     out = {k: v for k, v in flat.items() if k not in _IGNORED_KEYS and not k.startswith(_IGNORED_SECTIONS)}
@@ -235,8 +251,7 @@ def run_result(run: GridRun, run_dir: Union[str, Path], status: str, num_paramet
                error: Optional[str] = None) -> Dict[str, Any]:
     """One row of the table: the run's settings and its best val accuracy (with that epoch's val loss)."""
     records = read_metrics(run_dir)
-    evals = [r for r in records if r.get("val/accuracy") is not None]
-    best = max(evals, key=lambda r: r["val/accuracy"]) if evals else None  # the first of equals
+    best = best_record(records)
     if error is None and status == "diverged":
         try:
             error = json.loads((Path(run_dir) / "grid_failed.json").read_text()).get("error")
@@ -269,7 +284,9 @@ def sort_results(results: Sequence[Dict[str, Any]]) -> List[Dict[str, Any]]:
     return out
 
 
-def _cell(key: str, value: Any) -> str:
+def format_value(key: str, value: Any) -> str:
+    """A value of a result row as tables show it: lr and weight decay as in run names, widths and depths
+    dashed, accuracy in percent, losses to 4 decimals, parameters with thousands separators."""
     if value is None:
         return "-"
     if key == "lr":
@@ -277,13 +294,13 @@ def _cell(key: str, value: Any) -> str:
     if key == "weight_decay":
         return format_wd(value)
     if key in ("stage_channels", "stage_repeats"):
-        return _dashed(value)
-    if key == "val_accuracy":
-        return f"{value:.2%}"
+        return dashed(value)
+    if key in ("val_accuracy", "val_top5"):
+        return percent(value)
     if key in ("val_loss", "final_train_loss"):
-        return f"{value:.4f}"
+        return number(value)
     if key == "num_parameters":
-        return f"{value:,}"
+        return count(value)
     return str(value)
 
 
@@ -300,7 +317,7 @@ def results_markdown(results: Sequence[Dict[str, Any]], title: Optional[str] = N
     lines.append("| " + " | ".join(h for _, h in _MD_COLUMNS) + " |")
     lines.append("|" + "|".join("---:" if k in right else "---" for k, _ in _MD_COLUMNS) + "|")
     for r in results:
-        lines.append("| " + " | ".join(_cell(k, r.get(k)).replace("|", "\\|") for k, _ in _MD_COLUMNS) + " |")
+        lines.append("| " + " | ".join(format_value(k, r.get(k)).replace("|", "\\|") for k, _ in _MD_COLUMNS) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -321,13 +338,66 @@ def write_results(results: Sequence[Dict[str, Any]], output: Union[str, Path], s
     w = csv.writer(buf)
     w.writerow(RESULT_COLUMNS)
     for r in rows:
-        w.writerow(["" if r.get(k) is None else _dashed(r[k]) if k in ("stage_channels", "stage_repeats") else r[k]
+        w.writerow(["" if r.get(k) is None else dashed(r[k]) if k in ("stage_channels", "stage_repeats") else r[k]
                     for k in RESULT_COLUMNS])
     paths["csv"].write_text(buf.getvalue())
     paths["json"].write_text(json.dumps({**meta, "num_runs": len(rows), "results": rows,
                                          "best": rows[0] if rows and rows[0]["val_accuracy"] is not None else None},
                                         indent=1))
     return paths
+
+
+def load_results(output: Union[str, Path]) -> Dict[str, Any]:
+    """The results of the grid search in OUTPUT, as it left them: results.json, else the parts' tables
+    (results-part-*.json) merged, else results.csv, else each gs_* run folder read with `run_result`.
+
+    Returns results.json's fields (title, grid, base, runs_planned, ... when recorded) with `results`:
+    the rows sorted by best val accuracy, and `source`: the files they were read from."""
+    output = Path(output)
+    if (output / "results.json").is_file():
+        data = json.loads((output / "results.json").read_text())
+        return {**data, "results": sort_results(data.get("results") or []), "source": "results.json"}
+    parts = sorted(output.glob("results-part-*.json"))
+    if parts:
+        tables = [json.loads(p.read_text()) for p in parts]
+        rows = [r for t in tables for r in t.get("results") or []]
+        return {**tables[0], "results": sort_results(rows), "source": ", ".join(p.name for p in parts)}
+    if (output / "results.csv").is_file():
+        return {"results": sort_results(_read_csv(output / "results.csv")), "source": "results.csv"}
+    return {"results": sort_results(_results_from_folders(output)), "source": "the gs_* run folders"}
+
+
+def _read_csv(path: Path) -> List[Dict[str, Any]]:
+    def num(text: str, kind=float):
+        return kind(text) if text not in (None, "") else None
+
+    rows = []
+    with open(path, newline="") as f:
+        for r in csv.DictReader(f):
+            rows.append({"index": int(r["index"]), "name": r["name"], "lr": float(r["lr"]),
+                         "weight_decay": float(r["weight_decay"]),
+                         "stage_channels": [int(v) for v in r["stage_channels"].split("-")],
+                         "stage_repeats": [int(v) for v in r["stage_repeats"].split("-")],
+                         "num_parameters": num(r.get("num_parameters"), int),
+                         "val_accuracy": num(r.get("val_accuracy")), "val_loss": num(r.get("val_loss")),
+                         "best_epoch": num(r.get("best_epoch"), int), "epochs": num(r.get("epochs"), int),
+                         "final_train_loss": num(r.get("final_train_loss")), "status": r.get("status") or None})
+    return rows
+
+
+def _results_from_folders(output: Path) -> List[Dict[str, Any]]:
+    """A row for every gs_* folder whose config.yaml places it in its grid (the plan of the grid it records)."""
+    rows = []
+    for run_dir in sorted(p for p in output.iterdir() if is_run_folder(p)):
+        try:
+            saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+            run = next(r for r in grid_plan(saved) if r.name == run_dir.name)
+        except (OSError, yaml.YAMLError, KeyError, TypeError, ValueError, StopIteration):
+            continue  # not a run of a grid (or one renamed): nothing says what it tried
+        diverged = (run_dir / "grid_failed.json").is_file()
+        status = "diverged" if diverged else "finished" if best_record(read_metrics(run_dir)) else "incomplete"
+        rows.append(run_result(run, run_dir, status))
+    return rows
 
 
 def write_hparams(result: Dict[str, Any], run_dir: Union[str, Path], domains: Optional[Dict[str, list]] = None,
@@ -344,7 +414,7 @@ def write_hparams(result: Dict[str, Any], run_dir: Union[str, Path], domains: Op
     except ImportError:
         return None
     hp = {"lr": float(result["lr"]), "weight_decay": float(result["weight_decay"]),
-          "stage_channels": _dashed(result["stage_channels"]), "stage_repeats": _dashed(result["stage_repeats"])}
+          "stage_channels": dashed(result["stage_channels"]), "stage_repeats": dashed(result["stage_repeats"])}
     if epochs is not None:
         hp["epochs"] = int(epochs)
     metrics = {"hparam/val_accuracy": float(result["val_accuracy"])}
@@ -368,8 +438,8 @@ def _domains(plan: Sequence[GridRun]) -> Dict[str, list]:
     def uniq(values):
         return sorted(set(values), key=lambda v: (str(type(v)), v))
     return {"lr": uniq(r.lr for r in plan), "weight_decay": uniq(r.weight_decay for r in plan),
-            "stage_channels": uniq(_dashed(r.stage_channels) for r in plan),
-            "stage_repeats": uniq(_dashed(r.stage_repeats) for r in plan)}
+            "stage_channels": uniq(dashed(r.stage_channels) for r in plan),
+            "stage_repeats": uniq(dashed(r.stage_repeats) for r in plan)}
 
 
 _PARAMS_CACHE: Dict[Tuple[Any, ...], Optional[int]] = {}
@@ -568,6 +638,6 @@ def print_results(results: Sequence[Dict[str, Any]], console=None, title: str = 
                          else "left", overflow="fold")
     for r in results:
         style = None if r.get("status") == "finished" else "dim"
-        table.add_row(*((r["name"] if full else r["name"].split("_lr=")[0]) if k == "name" else _cell(k, r.get(k))
+        table.add_row(*((r["name"] if full else short_name(r["index"])) if k == "name" else format_value(k, r.get(k))
                         for k, _ in columns), style=style)
     console.print(table)
