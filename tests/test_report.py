@@ -193,7 +193,7 @@ def test_report_from_synthetic_outputs_without_training(tmp_path):
     for run, accs in zip(grid.grid_plan(cfg), [[0.1, 0.2], [0.15, 0.35]]):
         d = tmp_path / "grid" / run.name
         d.mkdir(parents=True)
-        d.joinpath("config.yaml").write_text(yaml.safe_dump(grid.run_config(cfg, run)))
+        d.joinpath("config.yaml").write_text(yaml.safe_dump(grid.run_config(cfg, run).to_dict()))
         d.joinpath("metrics.jsonl").write_text("".join(json.dumps(
             {"epoch": e + 1, "step": 10 * (e + 1), "train/loss": 2.0, "val/loss": 1.9, "val/accuracy": a}) + "\n"
             for e, a in enumerate(accs)))

@@ -19,7 +19,7 @@ import yaml
 
 __all__ = ["Config", "DataConfig", "AugmentConfig", "TrainConfig", "OptimizerConfig", "SchedulerConfig",
            "LRFinderConfig", "GridConfig", "ConfigError", "load_config", "parse_value", "flatten",
-           "model_kwargs", "is_tinycnn_model"]
+           "model_kwargs", "is_tinycnn_model", "from_dict", "check_model_name"]
 
 
 class ConfigError(ValueError):
@@ -108,11 +108,11 @@ class LRFinderConfig:
 
 
 @dataclass
-class GridConfig:                              # grid_search.py: every combination, `epochs` each
-    lr: List[float] = field(default_factory=lambda: [0.001, 0.002, 0.005])
-    weight_decay: List[float] = field(default_factory=lambda: [1e-5, 1e-4])
-    stage_channels: List[List[int]] = field(default_factory=lambda: [[48, 96, 192], [64, 128, 256]])
-    stage_repeats: List[List[int]] = field(default_factory=lambda: [[1, 1, 1], [2, 2, 2], [3, 3, 3]])
+class GridConfig:                              # grid_search.py: every combination, `epochs` each (one value: a list of one)
+    lr: Union[List[float], float] = field(default_factory=lambda: [0.001, 0.002, 0.005])
+    weight_decay: Union[List[float], float] = field(default_factory=lambda: [1e-5, 1e-4])
+    stage_channels: Union[List[List[int]], List[int]] = field(default_factory=lambda: [[48, 96, 192], [64, 128, 256]])
+    stage_repeats: Union[List[List[int]], List[int]] = field(default_factory=lambda: [[1, 1, 1], [2, 2, 2], [3, 3, 3]])
     epochs: int = field(default=3, metadata=_range(ge=1))
 
 

@@ -1,6 +1,6 @@
 """Grid search (step 4 of the course project's workflow): `run_grid(cfg, output)`.
 
-Every combination of cfg['grid'] (lr x weight_decay x stage_channels x stage_repeats, in that product
+Every combination of cfg.grid (lr x weight_decay x stage_channels x stage_repeats, in that product
 order, the last varying fastest) is one `tinycnn.train.train` run of grid.epochs epochs with the same
 seed, in OUTPUT/<name>, named like ``gs_007_lr=0.002_wd=1e-4_ch=64-128-256_rep=2-2-2`` (the 3-digit
 index in product order). Runs go one after another on one device; a run whose metrics.jsonl already
@@ -19,6 +19,7 @@ Spreading: `part=(i, n)` runs the slice plan[i::n] (tables OUTPUT/results-part-<
 the full table.
 """
 import csv
+import dataclasses
 import io
 import itertools
 import json
@@ -34,7 +35,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import yaml
 
-from .config import flatten
+from .config import Config, flatten, from_dict
 from .data import read_manifest
 from .formatting import count, dashed, number, percent
 
@@ -121,9 +122,9 @@ def _options(grid: Dict[str, Any], key: str, nested: bool) -> List[Any]:
     return [tuple(int(c) for c in v) for v in value] if nested else [float(v) for v in value]
 
 
-def grid_plan(cfg: Dict[str, Any]) -> List[GridRun]:
-    """Every combination of cfg['grid'], in product order (lr, weight_decay, stage_channels, stage_repeats)."""
-    g = cfg["grid"]
+def grid_plan(cfg: Config) -> List[GridRun]:
+    """Every combination of cfg.grid, in product order (lr, weight_decay, stage_channels, stage_repeats)."""
+    g = dataclasses.asdict(cfg.grid)
     epochs = g.get("epochs")
     if not isinstance(epochs, int) or epochs < 1:
         raise ValueError(f"grid.epochs must be a positive integer, got {epochs!r}")
@@ -136,22 +137,15 @@ def grid_plan(cfg: Dict[str, Any]) -> List[GridRun]:
                              "numbers of stages; every combination needs one repeat per stage")
         plan.append(GridRun(i, run_name(i, lr, wd, ch, rep), lr, wd, ch, rep))
     if len({r.name for r in plan}) != len(plan):
-        raise ValueError("grid: two combinations get the same run name (duplicate values in cfg['grid']?)")
+        raise ValueError("grid: two combinations get the same run name (duplicate values in grid.*?)")
     return plan
 
 
-def run_config(cfg: Dict[str, Any], run: GridRun) -> Dict[str, Any]:
+def run_config(cfg: Config, run: GridRun) -> Config:
     """cfg with the run's lr, weight decay, widths and depths, grid.epochs epochs, and its name."""
-    import copy
-
-    c = copy.deepcopy(cfg)
-    c["train"]["optimizer"]["lr"] = run.lr
-    c["train"]["optimizer"]["weight_decay"] = run.weight_decay
-    c["stage_channels"] = list(run.stage_channels)
-    c["stage_repeats"] = list(run.stage_repeats)
-    c["train"]["epochs"] = cfg["grid"]["epochs"]
-    c["run_name"] = run.name
-    return c
+    return cfg.replace([f"train.optimizer.lr={run.lr!r}", f"train.optimizer.weight_decay={run.weight_decay!r}",
+                        f"stage_channels={list(run.stage_channels)}", f"stage_repeats={list(run.stage_repeats)}",
+                        f"train.epochs={cfg.grid.epochs}", f"run_name={run.name}"])
 
 
 def parse_part(text: str) -> Tuple[int, int]:
@@ -175,17 +169,17 @@ def select_part(plan: Sequence[GridRun], part: Optional[Tuple[int, int]]) -> Lis
 
 # ----------------------------------------------------------------------------- run state and results
 
-def expected_steps(run_cfg: Dict[str, Any], manifest: Dict[str, Any], world_size: int = 1) -> Tuple[int, int]:
+def expected_steps(run_cfg: Config, manifest: Dict[str, Any], world_size: int = 1) -> Tuple[int, int]:
     """(epochs, optimizer steps) that train() runs for run_cfg (the same arithmetic as train())."""
-    t = run_cfg["train"]
-    n = manifest["splits"][run_cfg["data"]["train_split"]]["num_samples"]
-    if t["overfit_small"]:
-        n = min(n, t["overfit_small_size"])
-    steps_per_epoch = n // (t["batch_size"] * world_size) // t["grad_accum_steps"]
+    t = run_cfg.train
+    n = manifest["splits"][run_cfg.data.train_split]["num_samples"]
+    if t.overfit_small:
+        n = min(n, t.overfit_small_size)
+    steps_per_epoch = n // (t.batch_size * world_size) // t.grad_accum_steps
     if steps_per_epoch < 1:
-        raise ValueError(f"{n} training samples make no optimizer step of batch {t['batch_size']} x "
-                         f"{world_size} processes x {t['grad_accum_steps']} accumulation steps")
-    total = t["max_steps"] or steps_per_epoch * t["epochs"]
+        raise ValueError(f"{n} training samples make no optimizer step of batch {t.batch_size} x "
+                         f"{world_size} processes x {t.grad_accum_steps} accumulation steps")
+    total = t.max_steps or steps_per_epoch * t.epochs
     return math.ceil(total / steps_per_epoch), total
 
 
@@ -211,14 +205,14 @@ def best_record(records: Sequence[Dict[str, Any]]) -> Optional[Dict[str, Any]]:
     return max(evals, key=lambda r: r["val/accuracy"]) if evals else None
 
 
-def _comparable(cfg: Dict[str, Any]) -> Dict[str, Any]:
+def _comparable(cfg: Union[Config, Dict[str, Any]]) -> Dict[str, Any]:
     flat = flatten(cfg)
     out = {k: v for k, v in flat.items() if k not in _IGNORED_KEYS and not k.startswith(_IGNORED_SECTIONS)}
     out["data.root"] = str(Path(str(flat.get("data.root"))).resolve())
     return out
 
 
-def _same_config(run_dir: Path, run_cfg: Dict[str, Any]) -> bool:
+def _same_config(run_dir: Path, run_cfg: Config) -> bool:
     try:
         saved = yaml.safe_load((run_dir / "config.yaml").read_text())
     except (OSError, yaml.YAMLError):
@@ -226,7 +220,7 @@ def _same_config(run_dir: Path, run_cfg: Dict[str, Any]) -> bool:
     return isinstance(saved, dict) and _comparable(saved) == _comparable(run_cfg)
 
 
-def run_status(run_dir: Union[str, Path], run_cfg: Dict[str, Any], manifest: Dict[str, Any],
+def run_status(run_dir: Union[str, Path], run_cfg: Config, manifest: Dict[str, Any],
                world_size: int = 1) -> str:
     """'finished' (metrics.jsonl holds every epoch), 'diverged' (a NaN loss stopped it), 'partial'
     (resumable state saved), 'changed' (its folder holds another config) or 'new'."""
@@ -390,7 +384,7 @@ def _results_from_folders(output: Path) -> List[Dict[str, Any]]:
     rows = []
     for run_dir in sorted(p for p in output.iterdir() if is_run_folder(p)):
         try:
-            saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+            saved = from_dict(yaml.safe_load((run_dir / "config.yaml").read_text()))
             run = next(r for r in grid_plan(saved) if r.name == run_dir.name)
         except (OSError, yaml.YAMLError, KeyError, TypeError, ValueError, StopIteration):
             continue  # not a run of a grid (or one renamed): nothing says what it tried
@@ -445,13 +439,12 @@ def _domains(plan: Sequence[GridRun]) -> Dict[str, list]:
 _PARAMS_CACHE: Dict[Tuple[Any, ...], Optional[int]] = {}
 
 
-def _num_parameters(cfg: Dict[str, Any], run: GridRun, num_classes: int) -> Optional[int]:
-    from .train import build_model
-    key = (cfg["model"], run.stage_channels, run.stage_repeats, num_classes)
+def _num_parameters(cfg: Config, run: GridRun, num_classes: int) -> Optional[int]:
+    from .plan import build_model
+    key = (cfg.model, run.stage_channels, run.stage_repeats, num_classes)
     if key not in _PARAMS_CACHE:
         try:
-            model = build_model({**cfg, "stage_channels": list(run.stage_channels),
-                                 "stage_repeats": list(run.stage_repeats)}, num_classes)
+            model = build_model(run_config(cfg, run), num_classes)
             _PARAMS_CACHE[key] = sum(p.numel() for p in model.parameters())
         except Exception:  # noqa: BLE001 - the table can do without it
             _PARAMS_CACHE[key] = None
@@ -460,22 +453,22 @@ def _num_parameters(cfg: Dict[str, Any], run: GridRun, num_classes: int) -> Opti
 
 # ----------------------------------------------------------------------------- running
 
-def _meta(cfg: Dict[str, Any], plan: Sequence[GridRun], part: Optional[Tuple[int, int]]) -> Dict[str, Any]:
+def _meta(cfg: Config, plan: Sequence[GridRun], part: Optional[Tuple[int, int]]) -> Dict[str, Any]:
     title = "Grid search" + (f" (part {part[0]} of {part[1]})" if part else "")
-    t = cfg["train"]
-    return {"title": title, "grid": cfg["grid"], "part": list(part) if part else None,
-            "base": {"model": cfg["model"], "optimizer": t["optimizer"]["name"], "batch_size": t["batch_size"],
-                     "epochs": cfg["grid"]["epochs"], "max_steps": t["max_steps"], "seed": t["seed"],
-                     "scheduler": t["scheduler"]["name"], "data": cfg["data"]["root"]},
+    t = cfg.train
+    return {"title": title, "grid": dataclasses.asdict(cfg.grid), "part": list(part) if part else None,
+            "base": {"model": cfg.model, "optimizer": t.optimizer.name, "batch_size": t.batch_size,
+                     "epochs": cfg.grid.epochs, "max_steps": t.max_steps, "seed": t.seed,
+                     "scheduler": t.scheduler.name, "data": cfg.data.root},
             "runs_planned": len(plan)}
 
 
-def collect_results(cfg: Dict[str, Any], output: Union[str, Path], plan: Optional[Sequence[GridRun]] = None,
+def collect_results(cfg: Config, output: Union[str, Path], plan: Optional[Sequence[GridRun]] = None,
                     world_size: int = 1) -> List[Dict[str, Any]]:
     """Results of `plan` (default: the whole grid) read from their folders in OUTPUT (the merge of parts)."""
     output = Path(output)
     plan = grid_plan(cfg) if plan is None else plan
-    manifest = read_manifest(cfg["data"]["root"])
+    manifest = read_manifest(cfg.data.root)
     results = []
     for run in plan:
         run_cfg = run_config(cfg, run)
@@ -486,13 +479,18 @@ def collect_results(cfg: Dict[str, Any], output: Union[str, Path], plan: Optiona
     return sort_results(results)
 
 
-def run_grid(cfg: Dict[str, Any], output: Union[str, Path], *, part: Optional[Tuple[int, int]] = None,
-             progress: bool = True, console=None,
+def run_grid(cfg: Config, output: Union[str, Path], *, part: Optional[Tuple[int, int]] = None,
+             progress: bool = True, console=None, overwrite: bool = False,
              make_accelerator: Optional[Callable[..., Any]] = None) -> List[Dict[str, Any]]:
     """Train every run of the grid (or of `part`) one after another into OUTPUT/<name>; returns the sorted
-    results of those runs and writes the tables (OUTPUT/results.* or OUTPUT/results-part-<i>-of-<n>.*)."""
+    results of those runs and writes the tables (OUTPUT/results.* or OUTPUT/results-part-<i>-of-<n>.*).
+
+    Re-running continues the grid: finished runs are skipped, stopped ones resumed. A run folder that holds
+    a run with another config is an error before anything trains (overwrite=True trains it again). Each run
+    folder is locked while it trains (tinycnn.runs), so two processes never train the same run."""
+    from .device import make_accelerator as default_make_accelerator
+    from .runs import RunFolderError, RunLock
     from .train import TrainingStopped, train
-    from .train import make_accelerator as default_make_accelerator
 
     make_accelerator = make_accelerator or default_make_accelerator
     output = Path(output)
@@ -500,7 +498,7 @@ def run_grid(cfg: Dict[str, Any], output: Union[str, Path], *, part: Optional[Tu
     mine = select_part(plan, part)
     base = make_accelerator(cfg, log=False)
     world, main = base.num_processes, base.is_main_process
-    manifest = read_manifest(cfg["data"]["root"])
+    manifest = read_manifest(cfg.data.root)
     num_classes = manifest["num_classes"]
     domains = _domains(plan)
     stem = f"results-part-{part[0]}-of-{part[1]}" if part else "results"
@@ -514,7 +512,11 @@ def run_grid(cfg: Dict[str, Any], output: Union[str, Path], *, part: Optional[Tu
             console.print(msg, soft_wrap=True, markup=False, highlight=False)
     if main:
         output.mkdir(parents=True, exist_ok=True)
-    say(f"grid search: {len(plan)} runs of {cfg['grid']['epochs']} epochs"
+    changed = [r.name for r in mine if run_status(output / r.name, run_config(cfg, r), manifest, world) == "changed"]
+    if changed and not overwrite:
+        raise RunFolderError(f"{output / changed[0]} holds a run with another config ({len(changed)} such run "
+                             "folders): choose another --output, or pass --overwrite to train them again")
+    say(f"grid search: {len(plan)} runs of {cfg.grid.epochs} epochs"
         + (f", part {part[0]}/{part[1]}: {len(mine)} of them" if part else "") + f", into {output}")
 
     results: List[Dict[str, Any]] = []
@@ -528,11 +530,14 @@ def run_grid(cfg: Dict[str, Any], output: Union[str, Path], *, part: Optional[Tu
             results.append(run_result(run, run_dir, status, params))
             continue
         if status == "changed":
-            say(f"[{k}/{len(mine)}] {run.name}: its folder holds another config, training it again")
+            say(f"[{k}/{len(mine)}] {run.name}: its folder holds another config, training it again (--overwrite)")
         else:
             say(f"[{k}/{len(mine)}] {run.name}" + (" (resuming)" if status == "partial" else ""))
-        if main:
-            (run_dir / "grid_failed.json").unlink(missing_ok=True)
+        lock = RunLock(run_dir).acquire() if main else None
+        if main and status in ("new", "changed"):  # a fresh start: nothing of an earlier attempt stays to mix in
+            for p in run_dir.iterdir():
+                if p.name != ".lock":
+                    shutil.rmtree(p) if p.is_dir() else p.unlink()
         accelerator = make_accelerator(run_cfg, run_dir)
         error = None
         try:
@@ -549,10 +554,12 @@ def run_grid(cfg: Dict[str, Any], output: Union[str, Path], *, part: Optional[Tu
         finally:
             accelerator.free_memory()
             del accelerator
+            if lock is not None:
+                lock.release()
         result = run_result(run, run_dir, status, params, error)
         results.append(result)
         if main:
-            write_hparams(result, run_dir, domains, epochs=cfg["grid"]["epochs"])
+            write_hparams(result, run_dir, domains, epochs=cfg.grid.epochs)
             write_results(results, output, stem, meta)
             if result["val_accuracy"] is not None:
                 say(f"  best val accuracy {result['val_accuracy']:.2%} (epoch {result['best_epoch']}), "

@@ -138,7 +138,8 @@ def claim_output(folder: str, args: argparse.Namespace, *, what: str = "run", is
 
 
 def release_output(folder: Path, lock):
-    """After a run that failed before writing anything: leave no empty folder behind."""
+    """Release the output folder's lock; a folder left without results (a run that failed before writing
+    anything) is removed, so no empty folder stays behind."""
     from .runs import LOCK_NAME, holds_results
 
     if lock is None:

@@ -239,7 +239,8 @@ def plot_effects(figs: Figures, g: Dict[str, Any], effects: Dict[str, List[Dict[
 def _lr_schedule(run: Dict[str, Any]) -> Optional[Tuple[List[float], List[float]]]:
     """The per-step lr of a run, recomputed from its config (the same lambda as train.py) and its steps per
     epoch (from metrics.jsonl): (epoch positions, lrs). None when it cannot be recomputed."""
-    from ..train import build_lr_lambda
+    from ..config import from_dict
+    from ..plan import build_lr_lambda
 
     cfg, rec = run["config"] or {}, run["metrics"]
     t = cfg.get("train") or {}
@@ -248,9 +249,9 @@ def _lr_schedule(run: Dict[str, Any]) -> Optional[Tuple[List[float], List[float]
         diffs = [b - a for a, b in zip([0] + steps, steps)]
         per_epoch = max(set(diffs[:-1] or diffs), key=(diffs[:-1] or diffs).count)
         total = t.get("max_steps") or per_epoch * int(t["epochs"])
-        fn = build_lr_lambda(t["scheduler"], total, per_epoch)
+        fn = build_lr_lambda(from_dict({"train": {"scheduler": t["scheduler"]}}).train.scheduler, total, per_epoch)
         base = float(t["optimizer"]["lr"])
-    except (KeyError, TypeError, ValueError, ZeroDivisionError):
+    except (KeyError, TypeError, ValueError, ZeroDivisionError):  # ConfigError is a ValueError
         return None
     if per_epoch <= 0 or total <= 0:
         return None
