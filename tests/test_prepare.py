@@ -807,6 +807,10 @@ def test_shards_without_fingerprint_are_compared_by_path(tmp_path):
     copy.write_bytes(src.read_bytes())
     with pytest.raises(PrepareError, match="compared by path: these shards record no fingerprint"):
         ensure_prepared(out, source=copy)
+    del m["source"]  # a manifest written by hand: nothing to compare, said as a warning
+    (out / "manifest.json").write_text(json.dumps(m))
+    with pytest.warns(UserWarning, match="checked by path only"):
+        assert ensure_prepared(out, source=copy) == out
 
 
 def test_ensure_prepared_missing_or_empty_folder(tmp_path):

@@ -662,8 +662,8 @@ def _source_mismatch(manifest: dict, source) -> Optional[str]:
     path = Path(source).expanduser().resolve()
     made_from = f"{recorded.get('path')} ({recorded.get('kind')}, {recorded.get('size', '?')} bytes)"
     if "fingerprint" not in recorded:  # shards from before fingerprints: the path is all we have
-        if str(path) == recorded.get("path"):
-            return None
+        if not recorded.get("path") or str(path) == recorded.get("path"):
+            return None  # nothing recorded at all (a manifest written by hand): nothing to compare
         return f"made from {made_from}, not from {path} (compared by path: these shards record no fingerprint)"
     if not path.exists():
         # the source deleted after preparing is fine; a different path that does not exist is a typo
@@ -969,8 +969,8 @@ def ensure_prepared(out, *, source=None, download: bool = False, url: str = DEFA
                                f"`tinycnn-prepare {source} --out {out} --force`, or choose another folder "
                                "with --data")
         if source is not None and "fingerprint" not in manifest.get("source", {}):
-            warnings.warn(f"{out} records no source fingerprint (made by an older tinycnn-prepare): "
-                          "checked data.source by path only")
+            warnings.warn(f"{out} records no source fingerprint (made by an older tinycnn-prepare, or by hand): "
+                          "data.source was checked by path only")
         return out
     if source is None:
         if not download:
