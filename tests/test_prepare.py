@@ -957,3 +957,10 @@ def test_unusable_out_is_one_line(tmp_path):
         with pytest.raises(PrepareError, match=why):
             quick(src, out)
     assert (tmp_path / "file.txt").read_text() == "x"
+
+
+def test_recipes_print_prepare_errors_as_one_line(tmp_path, capsys):
+    from tinycnn.recipe import run_main
+    assert run_main(lambda: ensure_prepared(tmp_path / "nope")) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert f"error: shards folder {tmp_path / 'nope'} does not exist; prepare it first" in err

@@ -63,8 +63,9 @@ _MIB = 1 << 20
 _OFFICIAL_MB = 248      # size of the official zip, said before downloading it
 
 
-class PrepareError(Exception):
-    """Bad input or environment; the message says what is wrong and where."""
+class PrepareError(ValueError):
+    """Bad input or environment; the message says what is wrong and where (a ValueError: the recipes
+    print it as one line)."""
 
 
 @dataclass
