@@ -964,3 +964,30 @@ def test_recipes_print_prepare_errors_as_one_line(tmp_path, capsys):
     assert run_main(lambda: ensure_prepared(tmp_path / "nope")) == 2
     err = " ".join(capsys.readouterr().err.split())
     assert f"error: shards folder {tmp_path / 'nope'} does not exist; prepare it first" in err
+
+
+def test_workers_without_pdeathsig_exit_when_orphaned(tmp_path):
+    # the fallback where PR_SET_PDEATHSIG does not exist (macOS...): a forked child watching its parent
+    if not hasattr(os, "fork"):
+        pytest.skip("needs fork")
+    code = ("import os, threading, time\n"
+            "from tinycnn.prepare import _exit_when_orphaned\n"
+            "parent = os.getpid()\n"
+            "child = os.fork()\n"
+            "if child == 0:  # a worker busy for a minute, its watcher thread beside it\n"
+            "    for fd in (1, 2):  # let subprocess.run return when the parent exits\n"
+            "        os.dup2(os.open(os.devnull, os.O_WRONLY), fd)\n"
+            "    threading.Thread(target=_exit_when_orphaned, args=(parent, 0.05), daemon=True).start()\n"
+            "    time.sleep(60)\n"
+            "    os._exit(3)\n"
+            "print(child, flush=True)\n"
+            "os._exit(0)\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                       env={**os.environ, "PYTHONPATH": str(REPO)})
+    child = int(r.stdout)
+    gone = _gone([child], timeout=10)
+    if not gone:
+        with contextlib.suppress(OSError):
+            if b"_exit_when_orphaned" in Path(f"/proc/{child}/cmdline").read_bytes():
+                os.kill(child, signal.SIGKILL)
+    assert gone, f"orphaned child {child} was still running"

@@ -331,13 +331,22 @@ def _check_jpegs(blobs: List[bytes]) -> list:
 
 
 def _die_with_parent(parent: int):
-    """Linux: the kernel kills this process when its parent dies, even by SIGKILL (no orphaned workers)."""
+    """End this worker when its parent dies, even by SIGKILL (no orphaned workers): on Linux the kernel
+    kills it (PR_SET_PDEATHSIG); elsewhere a thread notices that the parent changed."""
     if sys.platform.startswith("linux"):
         import ctypes
         pr_set_pdeathsig = 1
         ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
-    if os.getppid() != parent:  # the parent died before prctl took effect
+    else:
+        threading.Thread(target=_exit_when_orphaned, args=(parent,), daemon=True).start()
+    if os.getppid() != parent:  # the parent died before this took effect
         os._exit(1)
+
+
+def _exit_when_orphaned(parent: int, every: float = 0.5):
+    while os.getppid() == parent:
+        time.sleep(every)
+    os._exit(1)
 
 
 def _init_worker(parent: int):
