@@ -978,6 +978,7 @@ def test_workers_without_pdeathsig_exit_when_orphaned():
             parent = os.getpid()
             b = os.fork()
             if b == 0:  # B: busy for a minute, its watcher thread beside it
+                os.close(w)  # the test reads up to EOF
                 threading.Thread(target=_exit_when_orphaned, args=(parent, 0.05), daemon=True).start()
                 time.sleep(60)
                 os._exit(3)
