@@ -3,6 +3,8 @@
 All three read the same JPEG bytes (the sample's train split). Rates are images/s of whole epochs,
 worker start-up included (both loaders start their workers every epoch).
 """
+import gzip
+import json
 import time
 
 import pytest
@@ -128,3 +130,61 @@ def test_build_loader(bench_factory, bench_data, workers):
         bench.ratio("vs_decode_ceiling", "loader/ours_all", "loader/decode_ceiling_all")
     if workers == 1:
         bench.ratio("vs_decode_ceiling_1core", "loader/ours_w1", "loader/decode_ceiling_1core")
+
+
+GZIP_WORKERS = sorted({1, NCORES})
+
+
+@pytest.fixture(scope="module")
+def gzip_root(bench_data):
+    """The repeated train shards gzip-compressed (`<name>.tar.gz`, what `tinycnn-prepare --compress` writes:
+    the same tar, gzip level 6), beside the plain ones; each base shard compressed once, repeats linked."""
+    from _bench import link_or_copy
+    from tinycnn.data import read_manifest
+
+    root = bench_data.root.parent / f"{bench_data.root.name}-gz"
+    root.mkdir(exist_ok=True)
+    manifest = read_manifest(bench_data.root)
+    packed = {}
+    for s in manifest["splits"]["train"]["shards"]:
+        base = s["file"].split("-", 2)[2]  # train-rNN-<base shard>
+        if base not in packed:
+            packed[base] = root / f"base-{base}.gz"
+            packed[base].write_bytes(gzip.compress((bench_data.base / base).read_bytes(), compresslevel=6, mtime=0))
+        s["file"] += ".gz"
+        link_or_copy(packed[base], root / s["file"])
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    plain = sum((bench_data.base / b).stat().st_size for b in packed)
+    return root, sum(p.stat().st_size for p in packed.values()) / plain
+
+
+@pytest.mark.parametrize("workers", GZIP_WORKERS, ids=[f"workers={w}" for w in GZIP_WORKERS])
+def test_build_loader_gzip(bench_factory, bench_data, gzip_root, workers):
+    """build_loader(train=True) over gzip shards and over the same plain shards, epochs alternating in each
+    round so that both see the same load on a shared machine: the cost of decompression in img/s."""
+    from tinycnn.data import build_loader
+
+    bench = bench_factory(GROUP)
+    root, size_ratio = gzip_root
+    loaders = {kind: build_loader(r, "train", batch_size=LOADER_BATCH, train=True, num_workers=workers)
+               for kind, r in (("plain", bench_data.root), ("gzip", root))}
+    times = {"plain": [], "gzip": []}
+
+    def epochs():
+        counts = {}
+        for kind, loader in loaders.items():
+            t0 = time.perf_counter()
+            counts[kind] = sum(x.shape[0] for x, _ in loader)
+            times[kind].append(time.perf_counter() - t0)
+        return counts
+
+    bench.run(epochs, rounds=EPOCH_ROUNDS)
+    for loader in loaders.values():
+        loader.close()
+    assert bench.result["plain"] == bench.result["gzip"] == len(loaders["gzip"]) * LOADER_BATCH > 0
+    n = bench.result["gzip"]
+    s = "s" if workers != 1 else ""
+    bench.rate(f"loader/plain_w{workers}", f"build_loader, plain shards, {workers} worker{s}", n, min(times["plain"]))
+    bench.rate(f"loader/gzip_w{workers}", f"build_loader, gzip shards, {workers} worker{s}", n, min(times["gzip"]),
+               note=f"shards {size_ratio:.0%} of the plain bytes", size_ratio=round(size_ratio, 4))
+    bench.ratio("gzip_vs_plain", f"loader/gzip_w{workers}", f"loader/plain_w{workers}", note="{:.0%} of plain")

@@ -7,6 +7,7 @@ import json
 import shutil
 import threading
 from collections import Counter
+from pathlib import Path
 
 import pytest
 import torch
@@ -150,6 +151,22 @@ def test_unreachable_or_wrong_url_fails_with_one_line(tmp_path, fast_retries):
     # the server is gone: connection refused, retried, then one line
     with pytest.raises(ShardError, match=rf"cannot read {url}/manifest\.json: .*refused.*after 2 tries"):
         read_manifest(url, retries=1)
+    with pytest.raises(FileNotFoundError, match="URL made into a Path"):
+        read_manifest(Path(url))
+
+
+def test_failing_pipe_command_reports_its_stderr(tmp_path, fast_retries):
+    flaky = tmp_path / "flaky.sh"  # fails twice, then serves the file
+    flaky.write_text('n=$(cat "$0.count" 2>/dev/null || echo 0); echo $((n + 1)) > "$0.count"\n'
+                     'if [ "$n" -lt 2 ]; then echo "try $n: busy" >&2; exit 1; fi; cat "$1"\n')
+    root = make_shards(tmp_path / "s", num_samples=30, num_shards=3)
+    assert read_manifest(f"pipe:sh {flaky} {root}/{{}}") == read_manifest(root)
+    assert (tmp_path / "flaky.sh.count").read_text().strip() == "3"
+    with pytest.raises(ShardError, match=r"`sh -c 'exit 3'/manifest\.json` exited with status \d+: .*after 2 tries"):
+        read_manifest("pipe:sh -c 'exit 3'", retries=1)
+    # a command that does not exist is not retried
+    with pytest.raises(ShardError, match=r"exited with status 127: .*not found$"):
+        read_manifest("pipe:no-such-command-here {}")
 
 
 def test_gzip_shards_read_the_same_locally_and_over_http(tmp_path):

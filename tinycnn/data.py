@@ -31,6 +31,7 @@ import multiprocessing
 import os
 import random
 import re
+import subprocess
 import tarfile
 import time
 import urllib.error
@@ -87,19 +88,32 @@ def _open_once(url: str) -> bytes:
     if scheme in ("http", "https"):
         with urllib.request.urlopen(url, timeout=URL_TIMEOUT) as response:
             return response.read()
-    if scheme == "pipe":
-        from webdataset.gopen import gopen  # raises OSError when the command exits with an error
-        with gopen(url) as f:
-            return f.read()
+    if scheme == "pipe":  # webdataset's convention; run here rather than by its gopen to report the command's stderr
+        done = subprocess.run(url[len("pipe:"):], shell=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        if done.returncode:
+            raise _CommandError(done.returncode, url, done.stderr.decode(errors="replace"))
+        return done.stdout
     import fsspec  # s3://, gs://, hf://...: fsspec's backends (s3fs, gcsfs, ...), installed by the user
     with fsspec.open(url, "rb") as f:
         return f.read()
 
 
+class _CommandError(OSError):
+    """A pipe: command that exited with an error."""
+
+    def __init__(self, status: int, url: str, stderr: str):
+        last = stderr.strip().splitlines()[-1] if stderr.strip() else "no output on stderr"
+        super().__init__(f"`{url[len('pipe:'):]}` exited with status {status}: {last}")
+        self.status = status
+
+
 def _is_transient(error: Exception) -> bool:
-    """Worth another try: connection errors, timeouts, 5xx/429; not 404, 403 or a bad URL."""
+    """Worth another try: connection errors, timeouts, 5xx/429, failed commands; not 404, 403, a bad URL or a
+    command that does not exist."""
     if isinstance(error, urllib.error.HTTPError):
         return error.code >= 500 or error.code in (408, 429)
+    if isinstance(error, _CommandError):
+        return error.status not in (126, 127)  # the shell's "not executable" / "not found"
     if isinstance(error, (FileNotFoundError, PermissionError, IsADirectoryError)):
         return False
     return isinstance(error, (OSError, http.client.HTTPException, TimeoutError))
@@ -150,6 +164,9 @@ def read_manifest(root: Union[str, Path], retries: int = RETRIES) -> Dict:
             raise ValueError(f"{url} is not a tinycnn manifest (not JSON): check the URL") from None
     root = Path(root)
     path = root / "manifest.json"
+    if not path.is_file() and re.match(r"[a-zA-Z][\w+.-]+:/[^/]", str(root)):
+        raise FileNotFoundError(f"{root} looks like a URL made into a Path (one slash after the scheme): "
+                                "pass URLs as strings")
     if not path.is_file():
         what = "does not exist" if not root.exists() else "has no manifest.json"
         raise FileNotFoundError(f"shards folder {root} {what}: {PREPARE_HINT}")
