@@ -304,7 +304,8 @@ def test_close_stops_persistent_workers(tmp_path):
     loader.close()
 
 
-@pytest.mark.parametrize("cores,local,expected", [(16, 1, 15), (16, 8, 1), (64, 4, 15), (2, 1, 1), (1, 1, 1), (4, 8, 1)])
+@pytest.mark.parametrize("cores,local,expected",
+                         [(16, 1, 15), (16, 8, 1), (64, 4, 15), (2, 1, 1), (1, 1, 1), (4, 8, 1)])
 def test_default_num_workers_leaves_a_core_per_process(monkeypatch, cores, local, expected):
     monkeypatch.setattr(data.os, "sched_getaffinity", lambda pid: set(range(cores)), raising=False)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", str(local))

@@ -197,3 +197,19 @@ def test_pipe_and_fsspec_roots(tmp_path):
     (root / "train-00000.tar").unlink()
     with pytest.raises(ShardError, match=r"shard file://.*/train-00000\.tar is missing"):
         list(build_loader(f"file://{root}", "train", **kw))
+
+
+@pytest.mark.real_data
+def test_prepare_compress_shards_read_the_same_over_http(sample_zip, sample_shards, tmp_path):
+    from tinycnn.prepare import prepare
+
+    packed = tmp_path / "gz"
+    manifest = prepare(sample_zip, packed, compress=True, progress=False)
+    assert all(s["file"].endswith(".tar.gz") for s in manifest["splits"]["val"]["shards"])
+    kw = dict(batch_size=64, train=False, num_workers=1)
+    expected = batches(sample_shards, "val", **kw)
+    with serve(packed) as (_, url):
+        for root in (packed, url):
+            got = batches(root, "val", **kw)
+            assert len(got) == len(expected)
+            assert all(torch.equal(a, c) and torch.equal(b, d) for (a, b), (c, d) in zip(got, expected))

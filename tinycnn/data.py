@@ -51,8 +51,8 @@ except ImportError:
 from .tar import iter_samples
 
 __all__ = [
-    "ShardError", "is_url", "read_manifest", "split_shards", "ShardStream", "ShardLoader", "build_loader",
-    "default_num_workers", "DevicePrefetcher", "DeviceResidentLoader",
+    "ShardError", "is_url", "read_manifest", "read_shard", "split_shards", "ShardStream", "ShardLoader",
+    "build_loader", "default_num_workers", "DevicePrefetcher", "DeviceResidentLoader",
 ]
 
 PREPARE_HINT = ("prepare the data first, e.g. `tinycnn-prepare path/to/tiny-imagenet-200.zip --out shards/tiny-imagenet` "
@@ -61,7 +61,7 @@ SKIP_HINT = ("re-run tinycnn-prepare with --force, or skip and count bad samples
              "on the recipes' command line (skip_bad=True in Python)")
 
 RETRIES = 5          # tries after the first one, on transient errors only
-RETRY_WAIT = 0.5     # seconds before the first retry, doubling each time (0.5 + 1 + ... + 8 = 15.5 s at most)
+RETRY_WAIT = 0.5     # seconds before the first retry, doubling each time up to 30 s (5 tries: 15.5 s at most)
 URL_TIMEOUT = 60     # seconds without a byte before an http(s) read counts as a (transient) failure
 
 
@@ -120,10 +120,12 @@ def _is_transient(error: Exception) -> bool:
 
 
 def _is_missing(error: Exception) -> bool:
-    return isinstance(error, FileNotFoundError) or isinstance(error, urllib.error.HTTPError) and error.code in (404, 410)
+    if isinstance(error, urllib.error.HTTPError):
+        return error.code in (404, 410)
+    return isinstance(error, FileNotFoundError)
 
 
-def read_url(url: str, retries: int = RETRIES) -> bytes:
+def _read_url(url: str, retries: int = RETRIES) -> bytes:
     """The bytes at `url`, retried with exponential backoff (and jitter, for many ranks) on transient errors."""
     for attempt in itertools.count():
         try:
@@ -132,7 +134,7 @@ def read_url(url: str, retries: int = RETRIES) -> bytes:
             if attempt >= retries or not _is_transient(e):
                 e.tries = attempt + 1  # for the message
                 raise
-            time.sleep(RETRY_WAIT * 2 ** attempt * random.uniform(0.5, 1.0))
+            time.sleep(min(RETRY_WAIT * 2 ** attempt, 30) * random.uniform(0.5, 1.0))
 
 
 def _why(error: Exception) -> str:
@@ -152,7 +154,7 @@ def read_manifest(root: Union[str, Path], retries: int = RETRIES) -> Dict:
     if is_url(root):
         url = _locate(root, "manifest.json")
         try:
-            text = read_url(url, retries)
+            text = _read_url(url, retries)
         except Exception as e:
             if _is_missing(e):
                 raise FileNotFoundError(f"no manifest at {url} ({_why(e)}): check the URL; it must point at a "
@@ -182,8 +184,10 @@ def read_shard(location: str, retries: int = RETRIES) -> bytes:
                 return f.read()
         except FileNotFoundError:
             raise ShardError(f"shard {location} is missing: {PREPARE_HINT}") from None
+        except OSError as e:
+            raise ShardError(f"cannot read shard {location}: {e}") from None
     try:
-        return read_url(location, retries)
+        return _read_url(location, retries)
     except Exception as e:
         if _is_missing(e):
             raise ShardError(f"shard {location} is missing ({_why(e)}): check that the whole shards folder "
