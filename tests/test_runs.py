@@ -171,3 +171,20 @@ def test_sigterm_to_the_launcher_stops_the_trainer_with_state_saved(sample_shard
     assert not alive, f"trainer outlived its launcher: {alive}"
     progress = json.loads((out / "state" / "progress.json").read_text())
     assert progress["reason"] == "SIGTERM" and progress["step"] >= 4
+
+
+# ============================================================================= data provenance at the recipe
+
+def test_a_source_that_does_not_match_the_shards_is_refused(sample_shards, sample_parquet, tmp_path):
+    proc = run_train(["--data", sample_shards, "--output", tmp_path / "run", f"data.source={sample_parquet}", *TINY])
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert str(sample_parquet) in proc.stderr and "--force" in proc.stderr and "--data" in proc.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_an_empty_data_folder_is_an_error_not_a_download(tmp_path):
+    (tmp_path / "empty").mkdir()
+    proc = run_train(["--data", tmp_path / "empty", "--output", tmp_path / "run"])
+    assert proc.returncode == 2 and "empty" in proc.stderr and "tinycnn-prepare" in proc.stderr, proc.stderr
+    assert "download" not in proc.stdout.lower() and not (tmp_path / "downloads").exists()
+    assert not (tmp_path / "run").exists()

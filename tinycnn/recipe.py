@@ -18,7 +18,7 @@ from typing import List, Optional, Tuple
 from .config import Config, ConfigError, flatten, load_config
 
 __all__ = ["recipe_parser", "config_from_args", "ensure_data", "claim_output", "release_output", "run_main",
-           "relaunch_multi_cpu", "die_with_launcher", "is_url", "RESUMABLE_KEYS"]
+           "relaunch_multi_cpu", "die_with_launcher", "RESUMABLE_KEYS"]
 
 DEFAULT_DATA_ROOT = Config().data.root
 
@@ -94,13 +94,10 @@ def config_from_args(args: argparse.Namespace, extra: Optional[List[str]] = None
     return cfg
 
 
-def is_url(root: str) -> bool:
-    return "://" in str(root) or str(root).startswith("pipe:")
-
-
 def ensure_data(cfg: Config, accelerator=None) -> str:
     """cfg.data.root, checked (and prepared when it is missing: from data.source, or downloaded for the default
     folder only). Under several processes the main process does it first; the others then only check."""
+    from .data import is_url
     from .prepare import ensure_prepared
 
     d = cfg.data
@@ -159,12 +156,14 @@ def run_main(fn) -> int:
     from rich.console import Console
     from rich.markup import escape
 
+    from .prepare import PrepareError
+
     try:
         return fn() or 0
     except KeyboardInterrupt:
         Console(stderr=True).print("[red]interrupted[/red]")
         return 130
-    except (ConfigError, FileNotFoundError, KeyError, ValueError, RuntimeError, MemoryError) as e:
+    except (ConfigError, PrepareError, FileNotFoundError, KeyError, ValueError, RuntimeError, MemoryError) as e:
         if os.environ.get("TINYCNN_TRACEBACK") or getattr(sys, "_tinycnn_traceback", False):
             raise
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
