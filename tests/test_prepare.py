@@ -943,3 +943,13 @@ def test_stale_temporary_folders_of_dead_runs_are_removed(tmp_path, capsys):
     err = " ".join(capsys.readouterr().err.split())
     assert f"left by process {dead}" in err and "out.tmp-89abcdef, left by an earlier run" in err
     assert leftovers(out) == ["out", f"out.tmp-{live}-0123abcd", "out.tmp-notmine"]
+
+
+def test_unusable_out_is_one_line(tmp_path):
+    src = write_zip(synthetic(), tmp_path / "src.zip")
+    (tmp_path / "file.txt").write_text("x")
+    for out, why in ((tmp_path / "file.txt", "exists and is not a folder"),
+                     (tmp_path / "file.txt" / "sub" / "out", "cannot create")):
+        with pytest.raises(PrepareError, match=why):
+            quick(src, out)
+    assert (tmp_path / "file.txt").read_text() == "x"

@@ -10,7 +10,8 @@ from tinycnn.tar import _header, iter_samples, tar_bytes, tar_samples, write_sha
 
 
 def samples(n=5):
-    return [{"__key__": f"n0144_{i}", "cls": str(i % 3), "jpg": bytes(j % 251 for j in range(i, i + 700 + 37 * i))} for i in range(n)]
+    return [{"__key__": f"n0144_{i}", "cls": str(i % 3), "jpg": bytes(j % 251 for j in range(i, i + 700 + 37 * i))}
+            for i in range(n)]
 
 
 def wds_samples(data: bytes):
