@@ -42,7 +42,7 @@ def serve(folder, fail=None):
     """(server, base URL) of an HTTP server on a free loopback port serving `folder`."""
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_Handler, directory=str(folder)))
     server.lock, server.requests, server.fail = threading.Lock(), Counter(), dict(fail or {})
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
     try:
         yield server, f"http://127.0.0.1:{server.server_port}"
