@@ -10,7 +10,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import yaml
 
 from .. import grid
-from ..formatting import count, dashed, number, percent, sci
+from ..formatting import count, number, percent, sci
 from . import figures as F
 from .figures import Figures
 from .inputs import KINDS, Loaded, checkpoint_metadata
