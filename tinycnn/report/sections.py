@@ -122,7 +122,7 @@ def holdout_note(evaluation: Dict[str, Any], manifest: Optional[Dict[str, Any]] 
 def _short(v: Any) -> Any:
     """Floats to 3 significant digits, also inside lists (for one-line settings)."""
     if isinstance(v, float):
-        return f"{v:.3g}"
+        return sci(v)
     if isinstance(v, (list, tuple)):
         return "[" + ", ".join(str(_short(x)) for x in v) + "]"
     return v
