@@ -42,7 +42,8 @@ from .formatting import count, dashed, number, percent
 __all__ = ["GridRun", "format_lr", "format_wd", "format_value", "short_name", "run_name", "is_run_folder", "grid_plan",
            "run_config", "parse_part", "select_part", "expected_steps", "read_metrics", "best_record", "run_status",
            "run_result", "sort_results", "results_markdown", "write_results", "load_results", "write_hparams",
-           "run_grid", "collect_results", "child_argv", "launch_parts", "print_results", "RESULT_COLUMNS"]
+           "results_meta", "run_grid", "collect_results", "child_argv", "launch_parts", "print_results",
+           "RESULT_COLUMNS"]
 
 RESULT_COLUMNS = ["rank", "index", "name", "lr", "weight_decay", "stage_channels", "stage_repeats", "num_parameters",
                   "val_accuracy", "val_loss", "best_epoch", "epochs", "final_train_loss", "status"]
@@ -453,7 +454,9 @@ def _num_parameters(cfg: Config, run: GridRun, num_classes: int) -> Optional[int
 
 # ----------------------------------------------------------------------------- running
 
-def _meta(cfg: Config, plan: Sequence[GridRun], part: Optional[Tuple[int, int]]) -> Dict[str, Any]:
+def results_meta(cfg: Config, plan: Sequence[GridRun],
+                 part: Optional[Tuple[int, int]] = None) -> Dict[str, Any]:
+    """What the results tables record besides the rows: title, the grid, the base settings, runs planned."""
     title = "Grid search" + (f" (part {part[0]} of {part[1]})" if part else "")
     t = cfg.train
     return {"title": title, "grid": dataclasses.asdict(cfg.grid), "part": list(part) if part else None,
@@ -502,7 +505,7 @@ def run_grid(cfg: Config, output: Union[str, Path], *, part: Optional[Tuple[int,
     num_classes = manifest["num_classes"]
     domains = _domains(plan)
     stem = f"results-part-{part[0]}-of-{part[1]}" if part else "results"
-    meta = _meta(cfg, plan, part)
+    meta = results_meta(cfg, plan, part)
     def say(msg: str):
         if not main:
             return

@@ -10,9 +10,9 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import yaml
 
 from .. import grid
-from ..formatting import count, dashed, number, percent, sci
-from . import figures as F
-from .figures import Figures
+from ..formatting import count, number, percent, sci
+from .figures import (Figures, plot_class_distribution, plot_classes, plot_comparison, plot_effects, plot_grid_curves,
+                      plot_lr_finder, plot_overfit, plot_training)
 from .inputs import KINDS, Loaded, checkpoint_metadata
 
 __all__ = ["SECTIONS", "HPARAMS", "Section", "hyperparameter_effects", "class_extremes", "holdout_note",
@@ -122,7 +122,7 @@ def holdout_note(evaluation: Dict[str, Any], manifest: Optional[Dict[str, Any]] 
 def _short(v: Any) -> Any:
     """Floats to 3 significant digits, also inside lists (for one-line settings)."""
     if isinstance(v, float):
-        return f"{v:.3g}"
+        return sci(v)
     if isinstance(v, (list, tuple)):
         return "[" + ", ".join(str(_short(x)) for x in v) + "]"
     return v
@@ -192,7 +192,7 @@ def section_data(ctx: Loaded, figs: Figures, s: Section):
           "loader decodes them to 3 identical channels.", "")
     names = [c.get("name", c["wnid"]) for c in manifest["classes"]] if manifest else None
     if any(st.get("class_counts") for st in stats.values()):
-        s.add(F.plot_class_distribution(figs, stats, names), "")
+        s.add(plot_class_distribution(figs, stats, names), "")
 
     s.add("### Augmentation", "")
     if checks is None:
@@ -333,7 +333,7 @@ def section_overfit(ctx: Loaded, figs: Figures, s: Section):
             s.missing_input(f"no metrics.jsonl in {run['path']}",
                             "python recipes/train.py --config recipes/configs/overfit.yaml")
             continue
-        s.add(F.plot_overfit(figs, run), "")
+        s.add(plot_overfit(figs, run), "")
         best = grid.best_record(rec)
         first, last = rec[0]["train/loss"], rec[-1]["train/loss"]
         s.add(f"Train loss {first:.4f} after epoch 1 -> **{last:.4f}** after epoch {rec[-1]['epoch']} "
@@ -363,7 +363,7 @@ def section_lr_finder(ctx: Loaded, figs: Figures, s: Section):
         if not r.get("points"):
             s.add("The sweep holds no points.", "")
             continue
-        s.add(F.plot_lr_finder(figs, r), "")
+        s.add(plot_lr_finder(figs, r), "")
         sug = r.get("suggested_lr")
         s.table(["", "value"], [
             ["suggested lr (steepest descent of the smoothed loss)", f"**{sci(sug)}**" if sug else "none (the loss never fell)"],
@@ -413,12 +413,12 @@ def section_grid(ctx: Loaded, figs: Figures, s: Section):
                   f"stage_channels=[{','.join(map(str, best['stage_channels']))}] "
                   f"stage_repeats=[{','.join(map(str, best['stage_repeats']))}]`).", "")
         if any(r["metrics"] for r in rows):
-            s.add(F.plot_grid_curves(figs, g), "")
+            s.add(plot_grid_curves(figs, g), "")
         effects = hyperparameter_effects(rows)
         s.add("### Effect of each hyperparameter" if len(ctx.grids) == 1 else "#### Effect of each hyperparameter", "",
               "Mean best val accuracy of the runs with each value (the other hyperparameters vary over the grid).", "")
         if any(e["mean_val_accuracy"] is not None for es in effects.values() for e in es):
-            s.add(F.plot_effects(figs, g, effects, HPARAMS), "")
+            s.add(plot_effects(figs, g, effects, HPARAMS), "")
         s.table(["hyperparameter", "value", "runs", "mean best val acc", "best val acc"],
                 [[label, e["label"], e["runs"] if e["with_result"] == e["runs"] else f"{e['with_result']} of {e['runs']}",
                   percent(e["mean_val_accuracy"]), percent(e["best_val_accuracy"])]
@@ -454,13 +454,13 @@ def section_full_training(ctx: Loaded, figs: Figures, s: Section):
         if not run["metrics"]:
             s.missing_input(f"no metrics.jsonl in {run['path']}", "python recipes/train.py")
             continue
-        s.add(F.plot_training(figs, run), "")
+        s.add(plot_training(figs, run), "")
         extra = (run.get("meta") or {}).get("extra") or {}
         if run.get("checkpoint") and extra.get("val_accuracy") is not None:
             s.add(f"Best checkpoint `{run['checkpoint'].name}`: epoch {extra.get('epoch')}, val accuracy "
                   f"{percent(extra['val_accuracy'])} on split `{extra.get('val_split', 'val')}`.", "")
     if len(runs) > 1:
-        s.add("### Comparison", "", F.plot_comparison(figs, runs), "")
+        s.add("### Comparison", "", plot_comparison(figs, runs), "")
 
 
 # ============================================================================= 7. Final evaluation
@@ -497,7 +497,7 @@ def section_evaluation(ctx: Loaded, figs: Figures, s: Section, top: int = 5):
                 [[which, i + 1, c["index"], c["wnid"], c["name"], percent(c["accuracy"], 1), c.get("num_samples", "-")]
                  for which, classes in (("most", most), ("least", least)) for i, c in enumerate(classes)],
                 right=(1, 2, 5, 6))
-        s.add(F.plot_classes(figs, e), "")
+        s.add(plot_classes(figs, e), "")
 
 
 # ============================================================================= 8. Reproducibility
