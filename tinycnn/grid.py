@@ -172,10 +172,12 @@ def select_part(plan: Sequence[GridRun], part: Optional[Tuple[int, int]]) -> Lis
 
 def expected_steps(run_cfg: Config, manifest: Dict[str, Any], world_size: int = 1) -> Tuple[int, int]:
     """(epochs, optimizer steps) that train() runs for run_cfg (the same arithmetic as train())."""
-    t = run_cfg.train
+    from .plan import RunPlan
+
+    t, subset = run_cfg.train, RunPlan.from_config(run_cfg).train_subset
     n = manifest["splits"][run_cfg.data.train_split]["num_samples"]
-    if t.overfit_small:
-        n = min(n, t.overfit_small_size)
+    if subset is not None:
+        n = min(n, subset)
     steps_per_epoch = n // (t.batch_size * world_size) // t.grad_accum_steps
     if steps_per_epoch < 1:
         raise ValueError(f"{n} training samples make no optimizer step of batch {t.batch_size} x "

@@ -6,12 +6,12 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from .. import grid
+from ..lr_finder import REPORT_HINT  # one install hint for every plot
 from .inputs import ReportError
 
 __all__ = ["REPORT_HINT", "DPI", "require_matplotlib", "Figures", "plot_class_distribution", "plot_overfit",
            "plot_lr_finder", "plot_grid_curves", "plot_effects", "plot_training", "plot_comparison", "plot_classes"]
 
-REPORT_HINT = 'pip install "tinycnn[report]"'
 FIGSIZE, DPI = (7, 4), 120
 
 

@@ -129,22 +129,23 @@ def _short(v: Any) -> Any:
 
 
 def _settings(cfg: Optional[Dict[str, Any]]) -> str:
-    """The training settings of a config in one line, as train.py applies them (an overfit run trains
-    without augmentation, weight decay and label smoothing whatever the config says)."""
+    """The training settings of a config in one line, as train.py applies them (RunPlan: an overfit run
+    trains without augmentation, weight decay and label smoothing whatever the config says)."""
+    from ..config import ConfigError, from_dict
+    from ..plan import RunPlan
+
     if not cfg:
         return "(no config.yaml)"
-    t = cfg.get("train") or {}
-    o, s = t.get("optimizer") or {}, t.get("scheduler") or {}
-    overfit = bool(t.get("overfit_small"))
-    smoothing = 0.0 if overfit else t.get("label_smoothing")
-    decay = 0.0 if overfit else o.get("weight_decay")
-    augment = not overfit and (cfg.get("augment") or {}).get("enabled", True)
-    d = cfg.get("data") or {}
-    splits = (f", trained on split `{d.get('train_split')}`, validated on `{d.get('val_split')}`"
-              if (d.get("train_split", "train"), d.get("val_split", "val")) != ("train", "val") else "")
-    return (f"{o.get('name')} lr {sci(o.get('lr'))}, weight decay {sci(decay)}, scheduler "
-            f"{s.get('name')}, batch {t.get('batch_size')}, label smoothing {smoothing}, "
-            f"augmentation {'on' if augment else 'off'}{splits}")
+    try:
+        run = from_dict(cfg)
+    except ConfigError as e:
+        return f"(config.yaml not readable: {e})"
+    t, plan, d = run.train, RunPlan.from_config(run), run.data
+    splits = (f", trained on split `{d.train_split}`, validated on `{d.val_split}`"
+              if (d.train_split, d.val_split) != ("train", "val") else "")
+    return (f"{t.optimizer.name} lr {sci(t.optimizer.lr)}, weight decay {sci(plan.weight_decay)}, scheduler "
+            f"{t.scheduler.name}, batch {t.batch_size}, label smoothing {plan.label_smoothing}, "
+            f"augmentation {'on' if plan.augment else 'off'}{splits}")
 
 
 # ============================================================================= 1. Data
