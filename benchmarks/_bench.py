@@ -3,7 +3,6 @@ import io
 import os
 import platform
 import shutil
-import tarfile
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -288,14 +287,12 @@ class BenchData:
 
 
 def read_split(base: Path, manifest: dict, split: str):
+    """The JPEG bytes and labels of a split, in shard order (tinycnn.tar, the library's own reader)."""
+    from tinycnn.tar import tar_samples
+
     jpegs, labels = [], []
     for s in manifest["splits"][split]["shards"]:
-        members: Dict[str, dict] = OrderedDict()
-        with tarfile.open(base / s["file"]) as tar:
-            for m in tar:
-                key, ext = m.name.rsplit(".", 1)
-                members.setdefault(key, {})[ext] = tar.extractfile(m).read()
-        for sample in members.values():
+        for sample in tar_samples(base / s["file"]):
             jpegs.append(sample["jpg"])
             labels.append(int(sample["cls"]))
     return jpegs, labels
