@@ -191,7 +191,7 @@ class Bench:
 def make_step(*, channels_last: bool, bf16: bool, compiled: bool = False, augment: bool = False,
               compile_augment="auto", **model_kwargs):
     """tinycnn.step.TrainStep, what training runs, with the recipe's defaults: fused AdamW (lr, weight decay,
-    betas of tinycnn.config.DEFAULTS), label smoothing 0.1; the default model unless model_kwargs say otherwise.
+    betas of tinycnn.config.TrainConfig), label smoothing 0.1; the default model unless model_kwargs say otherwise.
 
     augment=False: the step takes normalized float batches (the step alone); True: uint8 batches and a
     GPUAugment on the device (its apply compiled per compile_augment: "auto" = on CUDA, the library default).
@@ -200,21 +200,22 @@ def make_step(*, channels_last: bool, bf16: bool, compiled: bool = False, augmen
 
     import tinycnn  # noqa: F401  (registers the models with timm)
     from tinycnn.augment import GPUAugment
-    from tinycnn.config import DEFAULTS
+    from tinycnn.config import TrainConfig
     from tinycnn.step import TrainStep
 
     model = timm.create_model("tinycnn", **model_kwargs).to(DEVICE)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     model.train()
-    opt = DEFAULTS["train"]["optimizer"]
-    kwargs = dict(lr=opt["lr"], weight_decay=opt["weight_decay"], betas=tuple(opt["betas"]))
+    recipe = TrainConfig()
+    opt = recipe.optimizer
+    kwargs = dict(lr=opt.lr, weight_decay=opt.weight_decay, betas=tuple(opt.betas))
     try:
         optimizer = torch.optim.AdamW(model.parameters(), fused=True, **kwargs)
     except RuntimeError:  # no fused kernel for this device in this torch
         optimizer = torch.optim.AdamW(model.parameters(), **kwargs)
     aug = GPUAugment.for_model(model, channels_last=channels_last).to(DEVICE) if augment else None
-    step = TrainStep(model, optimizer, augment=aug, label_smoothing=DEFAULTS["train"]["label_smoothing"],
+    step = TrainStep(model, optimizer, augment=aug, label_smoothing=recipe.label_smoothing,
                      mixed_precision="bf16" if bf16 else "no", compile=compiled, compile_augment=compile_augment)
 
     def run(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
