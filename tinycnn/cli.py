@@ -74,7 +74,7 @@ def run_main(fn) -> int:
             raise
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         from rich.markup import escape
-        Console(stderr=True).print(f"[bold red]error:[/bold red] {escape(str(msg))}", highlight=False)
+        Console(stderr=True, soft_wrap=True).print(f"[bold red]error:[/bold red] {escape(str(msg))}", highlight=False)
         return 2
 
 

@@ -1,10 +1,9 @@
 """Self-describing safetensors weights.
 
 `save_model` writes the state dict plus metadata (architecture, class wnids, normalization) so that
-`load_model(path)` rebuilds the model from the file alone. The same file loads through timm alone:
-
-    timm.create_model('tinycnn', pretrained=True,
-                      pretrained_cfg_overlay=dict(file=path, num_classes=N))
+`load_model(path)` rebuilds the model from the file alone. `load_model` and `read_metadata` also read
+the folder `tinycnn-export` writes (timm's Hugging Face layout: config.json + model.safetensors), which
+timm loads by itself: `timm.create_model('local-dir:DIR', pretrained=True)` (see tinycnn/hub.py).
 
 No pickle anywhere; writes go to a temporary file that is renamed into place, so an interrupted save
 never leaves a corrupt file behind.
@@ -19,27 +18,25 @@ import torch
 import torch.nn as nn
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
+from timm.utils import unwrap_model  # DDP / DataParallel (.module), torch.compile (._orig_mod), ModelEma
 
 from .model import TinyCNN
 
 __all__ = ["save_model", "load_model", "read_metadata", "unwrap_model", "WeightsError"]
 
 METADATA_KEY = "tinycnn"  # one JSON value under this key; safetensors metadata is str -> str
+HUB_CONFIG, HUB_WEIGHTS = "config.json", "model.safetensors"  # timm's names in a Hugging Face model folder
 
 
 class WeightsError(ValueError):
     """A file that is not tinycnn weights, or weights that do not match what was asked for."""
 
 
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """The plain model under DDP / torch.compile / accelerate wrappers."""
-    while True:
-        if hasattr(model, "_orig_mod"):
-            model = model._orig_mod
-        elif hasattr(model, "module") and isinstance(model.module, nn.Module):
-            model = model.module
-        else:
-            return model
+def umask_mode(mode: int = 0o666) -> int:
+    """`mode` as open() would create it under the process umask (mkstemp/mkdtemp make private 0600/0700 files)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return mode & ~umask
 
 
 def atomic_write(path: Union[str, Path], write_fn) -> Path:
@@ -50,6 +47,7 @@ def atomic_write(path: Union[str, Path], write_fn) -> Path:
     os.close(fd)
     try:
         write_fn(tmp)
+        os.chmod(tmp, umask_mode())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -98,10 +96,12 @@ def save_model(
 
 
 def read_metadata(path: Union[str, Path]) -> Dict[str, Any]:
-    """The tinycnn description stored in a weights file (raises WeightsError if it has none)."""
+    """The tinycnn description of a weights file or an exported model folder (WeightsError if it has none)."""
     path = Path(path)
+    if path.is_dir():
+        return _read_folder_metadata(path)
     if not path.is_file():
-        raise WeightsError(f"{path}: no such weights file")
+        raise WeightsError(f"{path}: no such weights file or model folder")
     try:
         with safe_open(str(path), framework="pt") as f:
             metadata = f.metadata() or {}
@@ -112,6 +112,55 @@ def read_metadata(path: Union[str, Path]) -> Dict[str, Any]:
     return json.loads(metadata[METADATA_KEY])
 
 
+def _read_folder_metadata(folder: Path) -> Dict[str, Any]:
+    """read_metadata's dict, from the config.json timm's save_for_hf writes (tinycnn-export)."""
+    config_file = folder / HUB_CONFIG
+    if not config_file.is_file():
+        raise WeightsError(f"{folder}: a folder without {HUB_CONFIG}; give a .safetensors file or a folder "
+                           "written by tinycnn-export")
+    try:
+        cfg = json.loads(config_file.read_text())
+        arch, pretrained_cfg = cfg["architecture"], cfg["pretrained_cfg"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise WeightsError(f"{config_file}: not a timm model config ({e!r})") from None
+    if not str(arch).startswith("tinycnn"):
+        raise WeightsError(f"{folder} holds a {arch} model, not tinycnn: load it with "
+                           f"timm.create_model('local-dir:{folder}', pretrained=True)")
+    args = dict(cfg.get("model_args") or {})
+    if "stage_channels" not in args or "stage_repeats" not in args:  # a named variant exported without them
+        import timm
+        model = timm.create_model(arch, **{k: v for k, v in args.items() if k != "num_classes"}, num_classes=0)
+        args = {"stage_channels": model.stage_channels, "stage_repeats": model.stage_repeats, **args}
+    classes = cfg.get("label_names") or pretrained_cfg.get("label_names")
+    descriptions = cfg.get("label_descriptions") or pretrained_cfg.get("label_descriptions") or {}
+    input_size = list(pretrained_cfg.get("input_size", (3, 64, 64)))
+    about = cfg.get(METADATA_KEY) or {}
+    return {
+        "architecture": arch,
+        "stage_channels": list(args["stage_channels"]),
+        "stage_repeats": list(args["stage_repeats"]),
+        "num_classes": cfg.get("num_classes", pretrained_cfg.get("num_classes")),
+        "in_chans": args.get("in_chans", input_size[0]),
+        "mean": list(pretrained_cfg.get("mean", (0.485, 0.456, 0.406))),
+        "std": list(pretrained_cfg.get("std", (0.229, 0.224, 0.225))),
+        "input_size": input_size,
+        "classes": list(classes) if isinstance(classes, (list, tuple)) else None,
+        "class_names": [descriptions.get(c, c) for c in classes] if descriptions and classes else None,
+        "extra": about.get("extra", {}),
+        "tinycnn_version": about.get("version"),
+    }
+
+
+def _weights_file(path: Path) -> Path:
+    """The safetensors file of a weights path: the file itself, or model.safetensors in a model folder."""
+    if not path.is_dir():
+        return path
+    if not (path / HUB_WEIGHTS).is_file():
+        raise WeightsError(f"{path}: no {HUB_WEIGHTS} in the folder (tinycnn reads safetensors only; "
+                           "export again with tinycnn-export)")
+    return path / HUB_WEIGHTS
+
+
 def load_model(
         path: Union[str, Path],
         *,
@@ -119,7 +168,7 @@ def load_model(
         device: Union[str, torch.device] = "cpu",
         **kwargs,
 ) -> TinyCNN:
-    """Rebuild the model described by a tinycnn weights file and load its weights.
+    """Rebuild the model described by a tinycnn weights file (or exported model folder) and load its weights.
 
     num_classes: when given, must match the file (a clear error otherwise). kwargs go to
     timm.create_model (e.g. drop_rate). The model's pretrained_cfg carries the file's mean/std and,
@@ -140,7 +189,7 @@ def load_model(
         "tinycnn", pretrained=False, stage_channels=meta["stage_channels"], stage_repeats=meta["stage_repeats"],
         num_classes=meta["num_classes"], in_chans=meta["in_chans"], pretrained_cfg_overlay=overlay, **kwargs)
     model.pretrained_cfg["architecture"] = meta["architecture"]
-    state = load_file(str(path), device="cpu")
+    state = load_file(str(_weights_file(Path(path))), device="cpu")
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise WeightsError(f"{path}: weights do not match the architecture in its metadata "
