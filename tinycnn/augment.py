@@ -210,11 +210,12 @@ class EvalTransform(nn.Module):
         self.out_dtype = _as_dtype(out_dtype)
         self.channels_last = bool(channels_last)
 
-    def _finish(self, x: torch.Tensor, fmt: torch.memory_format) -> torch.Tensor:
+    def _finish(self, x: torch.Tensor, fmt: torch.memory_format,
+                out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
         """float in [0, 1] -> normalized, cast, in the output memory format."""
         if self.normalize:
             x = (x - self.mean.to(x.dtype)) / self.std.to(x.dtype)
-        return x.to(self.out_dtype).contiguous(memory_format=fmt)
+        return x.to(out_dtype or self.out_dtype).contiguous(memory_format=fmt)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         _check_images(images)
@@ -443,9 +444,13 @@ class GPUAugment(EvalTransform):
             x = x.clamp_(0.0, 1.0)
         return x
 
-    def apply(self, images: torch.Tensor, params: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    def apply(self, images: torch.Tensor, params: Mapping[str, torch.Tensor],
+              out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
         """Apply ``params`` (from :meth:`sample`) to a uint8 batch: crop, flip, colour ops in each
-        sample's ``jitter_order``, normalize.  Deterministic; works under torch.compile."""
+        sample's ``jitter_order``, normalize.  Deterministic; works under torch.compile.
+
+        ``out_dtype`` overrides the instance's output dtype for this call (e.g. the autocast dtype, so
+        the cast happens in the last pass instead of before the model's first conv)."""
         _check_images(images)
         fmt = _out_format(images, self.channels_last)
         if self.crop_padding or self.flip_p > 0:
@@ -453,7 +458,7 @@ class GPUAugment(EvalTransform):
         x = _to_unit_float(images)
         if self._blend_ops or self._hue_on:
             x = self._jitter(x, params)
-        return self._finish(x, fmt)
+        return self._finish(x, fmt, out_dtype)
 
     def eval_transform(self, images: torch.Tensor) -> torch.Tensor:
         """No augmentation: uint8 -> [0, 1] -> this instance's normalization (for val / test)."""
