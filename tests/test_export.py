@@ -145,6 +145,8 @@ def test_folder_errors(odd_weights, tmp_path):
     with pytest.raises(WeightsError, match="not a timm model config"):
         read_metadata(foreign)
     out = export_hub(path, tmp_path / "hub")
+    with pytest.raises(WeightsError, match="part of an exported model folder: give the folder"):
+        load_model(out / "model.safetensors")
     (out / "model.safetensors").unlink()
     with pytest.raises(WeightsError, match="no model.safetensors in the folder"):
         load_model(out)

@@ -41,7 +41,7 @@ def _hub_description(meta: Dict[str, Any]) -> Tuple[Dict[str, Any], Dict[str, An
     return model_config, model_args
 
 
-def _model_card(meta: Dict[str, Any], num_params: int) -> Dict[str, Any]:
+def _model_card(meta: Dict[str, Any], num_params: int, repo_id: str) -> Dict[str, Any]:
     """What timm's generate_readme puts in the pushed README.md (the model card)."""
     details = {
         "Model Type": "Image classification",
@@ -53,7 +53,7 @@ def _model_card(meta: Dict[str, Any], num_params: int) -> Dict[str, Any]:
     }
     details.update({k: v for k, v in (meta.get("extra") or {}).items() if isinstance(v, (int, float, str))})
     usage = ("```python\nimport timm, tinycnn  # tinycnn registers the architecture\n\n"
-             "model = timm.create_model('hf-hub:REPO', pretrained=True).eval()\n```\n")
+             f"model = timm.create_model('hf-hub:{repo_id}', pretrained=True).eval()\n```\n")
     return {"details": details, "usage": usage, "license": "apache-2.0",
             "tags": ["image-classification", "timm", "tinycnn"]}
 
@@ -99,8 +99,7 @@ def push_hub(weights: Union[str, Path], repo_id: str, *, private: bool = False, 
     meta = read_metadata(weights)
     model = load_model(weights)
     model_config, model_args = _hub_description(meta)
-    card = _model_card(meta, sum(p.numel() for p in model.parameters()))
-    card["usage"] = card["usage"].replace("REPO", repo_id)
+    card = _model_card(meta, sum(p.numel() for p in model.parameters()), repo_id)
     commit = push_to_hf_hub(model, repo_id, commit_message=commit_message, token=token, private=private,
                             model_config=model_config, model_args=model_args, model_card=card,
                             safe_serialization=True)  # no pickle (timm's default also pushes pytorch_model.bin)

@@ -108,6 +108,8 @@ def read_metadata(path: Union[str, Path]) -> Dict[str, Any]:
     except (SafetensorError, OSError, ValueError) as e:
         raise WeightsError(f"{path}: not a safetensors file ({e})") from None
     if METADATA_KEY not in metadata:
+        if (path.parent / HUB_CONFIG).is_file():  # the weights of an exported folder: the folder describes them
+            raise WeightsError(f"{path} is part of an exported model folder: give the folder {path.parent}")
         raise WeightsError(f"{path}: a safetensors file without tinycnn metadata (not saved by tinycnn.save_model)")
     return json.loads(metadata[METADATA_KEY])
 
