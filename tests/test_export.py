@@ -192,39 +192,50 @@ def test_push_uploads_what_hf_hub_loads(odd_weights, tmp_path, monkeypatch):
     assert list(pulled.pretrained_cfg["label_names"]) == WNIDS
 
 
-def _export_cli(*args, cwd):
-    return subprocess.run([sys.executable, str(REPO / "recipes" / "export.py"), *map(str, args)],
-                          cwd=cwd, capture_output=True, text=True)
+def _run_cli(monkeypatch, capsys, *args):
+    from tinycnn.cli import run_main
+    from tinycnn.recipes import export
+
+    monkeypatch.setattr(sys, "argv", ["tinycnn-export", *map(str, args)])
+    return run_main(export.main), capsys.readouterr()
 
 
 def test_cli(odd_weights, tmp_path):
     _, path = odd_weights
-    ok = _export_cli(path, "--out", "exported", cwd=tmp_path)
+    ok = subprocess.run([sys.executable, str(REPO / "recipes" / "export.py"), str(path), "--out", "exported"],
+                        cwd=tmp_path, capture_output=True, text=True)
     assert ok.returncode == 0, ok.stderr
     assert "local-dir:exported" in ok.stdout and load_model(tmp_path / "exported").num_classes == 10
-    for args, message in [((tmp_path / "nope.safetensors", "--out", "x"), "no such weights file"),
-                          ((REPO / "README.md", "--out", "x"), "not a safetensors file"),
-                          ((path, "--out", tmp_path), "not an exported model folder")]:
-        bad = _export_cli(*args, cwd=tmp_path)
-        assert bad.returncode == 2 and message in bad.stderr and "Traceback" not in bad.stderr, bad.stderr
-    usage = _export_cli(path, cwd=tmp_path)
-    assert usage.returncode == 2 and "give --out DIR, --push REPO_ID, or both" in usage.stderr
+
+
+@pytest.mark.parametrize("args,message", [
+    (("nope.safetensors", "--out", "x"), "no such weights file"),
+    ((REPO / "README.md", "--out", "x"), "not a safetensors file"),
+    (("w.safetensors", "--out", "."), "not an exported model folder"),
+])
+def test_cli_errors_are_one_line(odd_weights, tmp_path, monkeypatch, capsys, args, message):
+    monkeypatch.chdir(tmp_path)
+    code, out = _run_cli(monkeypatch, capsys, *args)
+    assert code == 2 and message in out.err and out.err.count("\n") == 1, out.err
+
+
+def test_cli_needs_out_or_push(odd_weights, monkeypatch, capsys):
+    _, path = odd_weights
+    with pytest.raises(SystemExit) as stopped:
+        _run_cli(monkeypatch, capsys, path)
+    assert stopped.value.code == 2 and "give --out DIR, --push REPO_ID, or both" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("error", [ConnectionError("[Errno -2] Name or service not known"),
                                    RuntimeError("401 Client Error: Unauthorized\nmore details")])
 def test_cli_push_failure_is_one_line(odd_weights, monkeypatch, capsys, error):
-    from tinycnn.cli import run_main
-    from tinycnn.recipes import export
-
     class Offline(FakeHfApi):
         def create_repo(self, *args, **kwargs):
             raise error
 
     _, path = odd_weights
     monkeypatch.setattr("timm.models._hub.HfApi", Offline)
-    monkeypatch.setattr(sys, "argv", ["tinycnn-export", str(path), "--push", "someone/x"])
-    assert run_main(export.main) == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and f"pushing to someone/x failed: {type(error).__name__}" in err
+    code, out = _run_cli(monkeypatch, capsys, path, "--push", "someone/x")
+    err = out.err
+    assert code == 2 and err.count("\n") == 1 and f"pushing to someone/x failed: {type(error).__name__}" in err
     assert str(error).splitlines()[0] in err and "hf auth login" in err
