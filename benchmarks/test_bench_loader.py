@@ -3,6 +3,7 @@
 All three read the same JPEG bytes (the sample's train split). Rates are images/s of whole epochs,
 worker start-up included (both loaders start their workers every epoch).
 """
+import json
 import time
 
 import pytest
@@ -128,3 +129,96 @@ def test_build_loader(bench_factory, bench_data, workers):
         bench.ratio("vs_decode_ceiling", "loader/ours_all", "loader/decode_ceiling_all")
     if workers == 1:
         bench.ratio("vs_decode_ceiling_1core", "loader/ours_w1", "loader/decode_ceiling_1core")
+
+
+GZIP_WORKERS = sorted({1, NCORES})
+
+
+@pytest.fixture(scope="module")
+def gzip_root(bench_data, sample_zip):
+    """The sample prepared again with `compress=True` (tinycnn-prepare --compress: <split>-NNNNN.tar.gz, the
+    same samples in the same shards), train shards repeated as in bench_data; and its size / the plain size."""
+    from _bench import link_or_copy
+    from tinycnn.prepare import prepare
+
+    base = bench_data.root.parent / "sample-gz"
+    manifest = prepare(sample_zip, base, holdout_per_class=0, compress=True, progress=False)
+    root = bench_data.root.parent / f"{bench_data.root.name}-gz"
+    root.mkdir(exist_ok=True)
+    train = manifest["splits"]["train"]
+    shards = []
+    for r in range(bench_data.repeat):
+        for shard in train["shards"]:
+            name = f"train-r{r:02d}-{shard['file']}"
+            link_or_copy(base / shard["file"], root / name)
+            shards.append({**shard, "file": name})
+    splits = {"train": {**train, "num_samples": train["num_samples"] * bench_data.repeat, "shards": shards}}
+    (root / "manifest.json").write_text(json.dumps({**manifest, "splits": splits}))
+    size = sum((base / s["file"]).stat().st_size for s in train["shards"])
+    plain = sum(p.stat().st_size for p in bench_data.base.glob("train-*.tar"))
+    return root, size / plain
+
+
+@pytest.mark.parametrize("workers", GZIP_WORKERS, ids=[f"workers={w}" for w in GZIP_WORKERS])
+def test_build_loader_gzip(bench_factory, bench_data, gzip_root, workers):
+    """build_loader(train=True) over gzip shards and over plain shards of the same samples, epochs alternating in each
+    round so that both see the same load on a shared machine: the cost of decompression in img/s."""
+    from tinycnn.data import build_loader
+
+    bench = bench_factory(GROUP)
+    root, size_ratio = gzip_root
+    loaders = {kind: build_loader(r, "train", batch_size=LOADER_BATCH, train=True, num_workers=workers)
+               for kind, r in (("plain", bench_data.root), ("gzip", root))}
+    times = {"plain": [], "gzip": []}
+
+    def epochs():
+        counts = {}
+        for kind, loader in loaders.items():
+            t0 = time.perf_counter()
+            counts[kind] = sum(x.shape[0] for x, _ in loader)
+            times[kind].append(time.perf_counter() - t0)
+        return counts
+
+    bench.run(epochs, rounds=EPOCH_ROUNDS)
+    for loader in loaders.values():
+        loader.close()
+    assert bench.result["plain"] == bench.result["gzip"] == len(loaders["gzip"]) * LOADER_BATCH > 0
+    n = bench.result["gzip"]
+    s = "s" if workers != 1 else ""
+    bench.rate(f"loader/plain_w{workers}", f"build_loader, plain shards, {workers} worker{s}", n, min(times["plain"]))
+    bench.rate(f"loader/gzip_w{workers}", f"build_loader, gzip shards, {workers} worker{s}", n, min(times["gzip"]),
+               note=f"shards {size_ratio:.0%} of the plain bytes", size_ratio=round(size_ratio, 4))
+    bench.ratio("gzip_vs_plain", f"loader/gzip_w{workers}", f"loader/plain_w{workers}", note="{:.0%} of plain")
+
+
+def test_gzip_read_cost_1core(bench_factory, bench_data, gzip_root):
+    """What gzip adds per image, without workers or decoding: tinycnn.tar.iter_samples over the train shards'
+    bytes (already in memory), plain and gzip alternating in each round, one process; against the decode
+    ceiling per core measured above it says how much of a core decompression takes."""
+    from tinycnn.data import read_manifest
+    from tinycnn.tar import iter_samples
+
+    bench = bench_factory(GROUP)
+    root, _ = gzip_root
+    plain = sorted(bench_data.base.glob("train-*.tar"))
+    packed = read_manifest(root)["splits"]["train"]["shards"][:len(plain)]  # the first repeat: each shard once
+    blobs = {"plain": [p.read_bytes() for p in plain], "gzip": [(root / s["file"]).read_bytes() for s in packed]}
+    times = {"plain": [], "gzip": []}
+
+    def read_all():
+        counts = {}
+        for kind, shards in blobs.items():
+            t0 = time.perf_counter()
+            counts[kind] = sum(1 for shard in shards for _ in iter_samples(shard))
+            times[kind].append(time.perf_counter() - t0)
+        return counts
+
+    bench.run(read_all, rounds=5, warmup=1)
+    n = bench.result["plain"]
+    assert n == bench.result["gzip"] == len(bench_data.jpegs)
+    bench.rate("loader/read_plain_1core", "tar reading, plain shards, 1 core", n, min(times["plain"]))
+    bench.rate("loader/read_gzip_1core", "tar reading, gzip shards, 1 core", n, min(times["gzip"]))
+    extra_us = (min(times["gzip"]) - min(times["plain"])) / n * 1e6
+    ceiling = value("loader/decode_ceiling_1core")
+    note = f" = {extra_us * ceiling / 1e6:.0%} of a decode at the ceiling" if ceiling else ""
+    bench.record("loader/gzip_extra_us", "gzip: extra CPU time per image", extra_us, "us", note=note.strip(" ="))

@@ -18,16 +18,14 @@ _CHECKOUT = Path(__file__).resolve().parents[1]
 if (_CHECKOUT / "tinycnn" / "__init__.py").is_file():  # run from a checkout without installing
     sys.path.insert(0, str(_CHECKOUT))
 
-from tinycnn.cli import (config_from_args, recipe_parser, ensure_data,  # noqa: E402
-                         relaunch_multi_cpu, run_main)
+from tinycnn.recipe import (claim_output, config_from_args, ensure_data, recipe_parser,  # noqa: E402
+                            relaunch_multi_cpu, release_output, run_main)
 
 DEFAULT_CONFIG = str(Path(__file__).parent / "configs" / "checks.yaml")
 
 
 def main() -> int:
-    parser = recipe_parser(__doc__, DEFAULT_CONFIG)
-    parser.add_argument("--output", default="checkpoints/checks",
-                        help="folder for checks.json and augment_grid.png (default: checkpoints/checks)")
+    parser = recipe_parser(__doc__, DEFAULT_CONFIG, output_default="checkpoints/checks")
     parser.add_argument("--num_images", "--num-images", type=int, default=16, dest="num_images",
                         help="images in the augmentation grid (default: 16)")
     parser.add_argument("--nrow", type=int, default=8, help="images per row of the augmentation grid (default: 8)")
@@ -40,18 +38,24 @@ def main() -> int:
     from rich.console import Console
 
     from tinycnn.checks import LOSS_TOLERANCE, print_checks, run_checks
-    from tinycnn.train import make_accelerator
+    from tinycnn.device import make_accelerator
 
     accelerator = make_accelerator(cfg, log=False)
     ensure_data(cfg, accelerator)
     tolerance = LOSS_TOLERANCE if args.loss_tolerance is None else args.loss_tolerance
-    results = run_checks(cfg, args.output, accelerator=accelerator, num_images=args.num_images, nrow=args.nrow,
-                         loss_tolerance=tolerance)
+    out, lock = claim_output(args.output, args, what="set of checks", is_main=accelerator.is_main_process,
+                             say=lambda m: Console().print(m, highlight=False))
+    try:
+        results = run_checks(cfg, out, accelerator=accelerator, num_images=args.num_images, nrow=args.nrow,
+                             loss_tolerance=tolerance)
+    finally:
+        if accelerator.is_main_process:
+            release_output(out, lock)
     if accelerator.is_main_process:
         console = Console()
         print_checks(results, console)
         verdict = "[green]all checks passed[/green]" if results["passed"] else "[bold red]some checks are flagged[/bold red]"
-        console.print(f"{verdict}: {Path(args.output) / 'checks.json'}", highlight=False)
+        console.print(f"{verdict}: {out / 'checks.json'}", highlight=False)
     return 0 if results["passed"] else 1
 
 

@@ -16,7 +16,7 @@ _CHECKOUT = Path(__file__).resolve().parents[1]
 if (_CHECKOUT / "tinycnn" / "__init__.py").is_file():  # run from a checkout without installing
     sys.path.insert(0, str(_CHECKOUT))
 
-from tinycnn.cli import relaunch_multi_cpu, run_main  # noqa: E402
+from tinycnn.recipe import relaunch_multi_cpu, run_main  # noqa: E402
 
 
 def main() -> int:
@@ -29,7 +29,9 @@ def main() -> int:
                         help="decoding processes per rank (default: the cores, up to 8)")
     parser.add_argument("--device", default="auto", help="cpu, cuda, mps or auto")
     parser.add_argument("--mixed_precision", default="no", choices=["no", "bf16", "fp16"])
-    parser.add_argument("--json", help="also write the results to this JSON file")
+    parser.add_argument("--json", help="also write the results to this JSON file (an existing one is not replaced "
+                                       "unless --overwrite)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
     parser.add_argument("--top", type=int, default=5, help="show the N most and least accurate classes")
     args = parser.parse_args()
     relaunch_multi_cpu()
@@ -37,10 +39,15 @@ def main() -> int:
     from rich.console import Console
     from rich.table import Table
 
+    from tinycnn.config import load_config
+    from tinycnn.device import make_accelerator
     from tinycnn.evaluation import evaluate_checkpoint
-    from tinycnn.train import make_accelerator
+    from tinycnn.runs import RunFolderError
 
-    cfg = {"train": {"device": args.device, "mixed_precision": args.mixed_precision, "grad_accum_steps": 1}}
+    if args.json and Path(args.json).exists() and not args.overwrite:  # before the evaluation, not after it
+        raise RunFolderError(f"{args.json} exists: pass --overwrite to replace it, or choose another --json path")
+    cfg = load_config(None, [f"train.device={args.device}", f"train.mixed_precision={args.mixed_precision}"],
+                      check_model=False)
     accelerator = make_accelerator(cfg, log=False)
     results = evaluate_checkpoint(args.checkpoint, args.data, args.split, accelerator=accelerator,
                                   batch_size=args.batch_size, num_workers=args.num_workers)
@@ -59,8 +66,10 @@ def main() -> int:
             table.add_row(str(c["index"]), c["wnid"], c["name"][:40], acc, str(c["num_samples"]))
         console.print(table)
         if args.json:
+            from tinycnn.weights import atomic_write
+
             Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.json).write_text(json.dumps(results, indent=1))
+            atomic_write(args.json, lambda tmp: Path(tmp).write_text(json.dumps(results, indent=1)))
     return 0
 
 

@@ -14,6 +14,8 @@ and resumes an interrupted one. After every run the table sorted by best val acc
 OUTPUT/results.md, OUTPUT/results.csv and OUTPUT/results.json (per part: results-part-<i>-of-<N>.*),
 and each run's hparams and metrics to its tb/ folder for TensorBoard's HParams view
 (tensorboard --logdir OUTPUT). A run whose loss goes NaN is marked diverged and the grid goes on.
+OUTPUT is locked while a grid (not a --part of one) trains into it: a second grid there stops at once. A run
+folder holding a run with another config is an error unless --overwrite (train it again).
 """
 import os
 import sys
@@ -23,22 +25,19 @@ _CHECKOUT = Path(__file__).resolve().parents[1]
 if (_CHECKOUT / "tinycnn" / "__init__.py").is_file():  # run from a checkout without installing
     sys.path.insert(0, str(_CHECKOUT))
 
-from tinycnn.cli import (config_from_args, recipe_parser, ensure_data,  # noqa: E402
-                         relaunch_multi_cpu, run_main)
+from tinycnn.recipe import config_from_args, ensure_data, recipe_parser, relaunch_multi_cpu, run_main  # noqa: E402
 
 DEFAULT_CONFIG = str(Path(__file__).parent / "configs" / "grid_search.yaml")
 
 
 def main() -> int:
-    parser = recipe_parser(__doc__, DEFAULT_CONFIG)
-    parser.add_argument("--output", default="checkpoints/grid_search",
-                        help="folder of the runs and the tables (default: checkpoints/grid_search)")
+    parser = recipe_parser(__doc__, DEFAULT_CONFIG, output_default="checkpoints/grid_search")
+    parser.set_defaults(resume=False)
     parser.add_argument("--gpus", help="comma-separated GPU ids: one process per GPU (CUDA_VISIBLE_DEVICES), "
                                        "each running a part of the grid, then one merged table")
     parser.add_argument("--part", help="i/N: run only runs i, i+N, i+2N, ... (0 <= i < N)")
     parser.add_argument("--merge", action="store_true", help="train nothing: write the table of every run in OUTPUT")
     parser.add_argument("--top", type=int, default=None, help="print only the N best runs")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = parser.parse_intermixed_args()
     relaunch_multi_cpu()
     cfg = config_from_args(args)
@@ -54,6 +53,11 @@ def main() -> int:
     if sum(bool(x) for x in (args.gpus, args.part, args.merge)) > 1:
         raise ValueError("use one of --gpus, --part and --merge")
 
+    from tinycnn.runs import RunLock
+
+    # the grid as a whole is locked by the process that owns it (parts lock each run folder they train)
+    is_main = int(os.environ.get("RANK", "0")) == 0
+    lock = RunLock(output).acquire() if part is None and is_main else None
     if args.gpus or args.merge:
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             raise ValueError("--gpus and --merge start no distributed run: use python, not accelerate launch")
@@ -73,11 +77,12 @@ def main() -> int:
                                "run the same command again to continue the grid")
         return 0
 
-    from tinycnn.train import make_accelerator
+    from tinycnn.device import make_accelerator
 
     accelerator = make_accelerator(cfg, log=False)
     ensure_data(cfg, accelerator)
-    results = grid.run_grid(cfg, output, part=part, progress=not args.no_progress, console=console)
+    results = grid.run_grid(cfg, output, part=part, progress=not args.no_progress, console=console,
+                            overwrite=args.overwrite)
     if accelerator.is_main_process:
         stem = f"results-part-{part[0]}-of-{part[1]}" if part else "results"
         grid.print_results(results, console, title=f"grid search{f' part {args.part}' if part else ''}: "
@@ -87,6 +92,8 @@ def main() -> int:
     if accelerator.num_processes > 1:
         accelerator.wait_for_everyone()
         accelerator.state.destroy_process_group()
+    if lock is not None:
+        lock.release()
     return 0
 
 

@@ -21,22 +21,19 @@ _CHECKOUT = Path(__file__).resolve().parents[1]
 if (_CHECKOUT / "tinycnn" / "__init__.py").is_file():  # run from a checkout without installing
     sys.path.insert(0, str(_CHECKOUT))
 
-from tinycnn.cli import (config_from_args, recipe_parser, ensure_data,  # noqa: E402
-                         relaunch_multi_cpu, run_main)
+from tinycnn.recipe import (claim_output, config_from_args, ensure_data, recipe_parser,  # noqa: E402
+                            relaunch_multi_cpu, release_output, run_main)
 
 DEFAULT_CONFIG = str(Path(__file__).parent / "configs" / "lr_finder.yaml")
 
 
 def main() -> int:
-    parser = recipe_parser(__doc__, DEFAULT_CONFIG)
+    parser = recipe_parser(__doc__, DEFAULT_CONFIG, output_default="checkpoints/lr_finder")
     parser.add_argument("--min_lr", "--min-lr", dest="min_lr", help="first lr of the sweep (lr_finder.min_lr, 1e-6)")
     parser.add_argument("--max_lr", "--max-lr", dest="max_lr", help="last lr of the sweep (lr_finder.max_lr, 1)")
     parser.add_argument("--num_iters", "--num-iters", dest="num_iters",
                         help="optimizer steps of the sweep (lr_finder.num_iters, 100)")
-    parser.add_argument("--output", default="checkpoints/lr_finder",
-                        help="folder for lr_finder.csv/.json/.png (default: checkpoints/lr_finder)")
     parser.add_argument("--no-plot", action="store_true", help="write no PNG")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_intermixed_args()
     relaunch_multi_cpu()
     flags = [f"lr_finder.{k}={getattr(args, k)}" for k in ("min_lr", "max_lr", "num_iters") if getattr(args, k)]
@@ -44,16 +41,20 @@ def main() -> int:
 
     from rich.console import Console
 
+    from tinycnn.device import make_accelerator
     from tinycnn.lr_finder import find_lr
-    from tinycnn.train import make_accelerator
 
-    accelerator = make_accelerator(cfg, log=False)
+    accelerator = make_accelerator(cfg.replace(["train.grad_accum_steps=1"]), log=False)
     ensure_data(cfg, accelerator)
-    result = find_lr(cfg, args.output, accelerator=accelerator, progress=not args.no_progress,
-                     plot=not args.no_plot)
+    out, lock = claim_output(args.output, args, what="LR finder result", is_main=accelerator.is_main_process,
+                             say=lambda m: Console().print(m, highlight=False))
+    try:
+        result = find_lr(cfg, out, accelerator=accelerator, progress=not args.no_progress, plot=not args.no_plot)
+    finally:
+        if accelerator.is_main_process:
+            release_output(out, lock)
     if accelerator.is_main_process:
         console = Console()
-        out = Path(args.output)
         how = f"stopped early: {result['stop_reason']}" if result["stopped_early"] else "no divergence"
         console.print(f"{result['num_points']} of {result['num_iters']} steps from {result['min_lr']:.1e} to "
                       f"{result['max_lr']:.1e} ({how})", highlight=False)

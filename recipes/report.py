@@ -27,30 +27,38 @@ _CHECKOUT = Path(__file__).resolve().parents[1]
 if (_CHECKOUT / "tinycnn" / "__init__.py").is_file():  # run from a checkout without installing
     sys.path.insert(0, str(_CHECKOUT))
 
-from tinycnn.cli import run_main  # noqa: E402
+from tinycnn.recipe import release_output, run_main  # noqa: E402
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("inputs", nargs="+", metavar="DIR",
                         help="output folders of the recipes (or files: manifest.json, an evaluation JSON)")
-    parser.add_argument("--output", default="report", help="folder for report.md and figures/ (default: report)")
+    parser.add_argument("--output", default="report",
+                        help="folder for report.md and figures/ (default: report). A folder holding an earlier "
+                             "report is left alone: this one goes to the next free name (report-2, ...)")
+    parser.add_argument("--overwrite", action="store_true", help="replace the report already in --output")
     parser.add_argument("--title", default="Experiment report", help="the report's title")
     parser.add_argument("--top", type=int, default=5, help="most and least accurate classes listed (default: 5)")
     args = parser.parse_args()
 
     from rich.console import Console
 
-    from tinycnn.report import build_report, report_summary
+    from tinycnn.report import write_report
+    from tinycnn.runs import claim_folder
 
-    path = build_report(args.inputs, args.output, title=args.title, top=args.top,
-                        command=["python", "recipes/report.py", *sys.argv[1:]])
-    summary = report_summary(path)
     console = Console()
-    for name, is_missing in summary["sections"].items():
-        state = "[yellow]input missing[/yellow]" if is_missing else "[green]ok[/green]"
-        console.print(f"  {name:<18} {state}", highlight=False)
-    console.print(f"wrote {path} and {len(summary['figures'])} figures in {Path(args.output) / 'figures'}",
+    output, lock = claim_folder(args.output, overwrite=args.overwrite, what="report",
+                                say=lambda m: console.print(m, highlight=False))
+    try:
+        report = write_report(args.inputs, output, title=args.title, top=args.top,
+                              command=["python", "recipes/report.py", *sys.argv[1:]])
+    finally:
+        release_output(output, lock)
+    for section in report.sections:
+        state = "[yellow]input missing[/yellow]" if section.missing else "[green]ok[/green]"
+        console.print(f"  {section.title:<18} {state}", highlight=False)
+    console.print(f"wrote {report.path} and {len(report.figures)} figures in {output / 'figures'}",
                   highlight=False)
     return 0
 

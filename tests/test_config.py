@@ -2,8 +2,8 @@ from pathlib import Path
 
 import pytest
 
-from tinycnn.config import DEFAULTS, ConfigError, apply_overrides, load_config, parse_value
-from tinycnn.train import build_lr_lambda
+from tinycnn.config import Config, ConfigError, SchedulerConfig, load_config, parse_value
+from tinycnn.plan import build_lr_lambda
 
 CONFIGS = Path(__file__).resolve().parents[1] / "recipes" / "configs"
 
@@ -31,11 +31,11 @@ def test_the_original_projects_config_loads_unchanged(tmp_path):
     path = tmp_path / "original_project.yaml"
     path.write_text(ORIGINAL)
     cfg = load_config(path)
-    opt = cfg["train"]["optimizer"]
-    assert opt["name"] == "adam" and opt["lr"] == 0.002
-    assert opt["weight_decay"] == 1e-5 and isinstance(opt["weight_decay"], float)  # a string to YAML 1.1
-    assert cfg["train"]["batch_size"] == 128 and cfg["stage_channels"] == [64, 128, 256]
-    assert cfg["run_name"] == "original_project"
+    opt = cfg.train.optimizer
+    assert opt.name == "adam" and opt.lr == 0.002
+    assert opt.weight_decay == 1e-5 and isinstance(opt.weight_decay, float)  # a string to YAML 1.1
+    assert cfg.train.batch_size == 128 and cfg.stage_channels == [64, 128, 256]
+    assert cfg.run_name == "original_project"
 
 
 def test_shipped_configs_load():
@@ -44,7 +44,7 @@ def test_shipped_configs_load():
     for p in CONFIGS.glob("*.yaml"):
         load_config(p)
     original = load_config(CONFIGS / "original.yaml")
-    assert original["train"]["scheduler"]["name"] == "none" and original["train"]["label_smoothing"] == 0
+    assert original.train.scheduler.name == "none" and original.train.label_smoothing == 0
 
 
 def test_unknown_keys_name_the_closest_valid_key(tmp_path):
@@ -61,10 +61,10 @@ def test_unknown_keys_name_the_closest_valid_key(tmp_path):
 def test_overrides_are_yaml_values():
     cfg = load_config(None, ["train.epochs=5", "stage_channels=[16,32,64]", "train.optimizer.weight_decay=1e-4",
                              "augment.enabled=false", "train.max_steps=null"])
-    assert cfg["train"]["epochs"] == 5 and cfg["stage_channels"] == [16, 32, 64]
-    assert cfg["train"]["optimizer"]["weight_decay"] == 1e-4
-    assert cfg["augment"]["enabled"] is False and cfg["train"]["max_steps"] is None
-    assert DEFAULTS["train"]["epochs"] == 20  # defaults are not mutated
+    assert cfg.train.epochs == 5 and cfg.stage_channels == [16, 32, 64]
+    assert cfg.train.optimizer.weight_decay == 1e-4
+    assert cfg.augment.enabled is False and cfg.train.max_steps is None
+    assert Config().train.epochs == 20  # defaults are not mutated
     assert parse_value("1e-5") == 1e-5 and parse_value("3") == 3 and parse_value("abc") == "abc"
 
 
@@ -76,16 +76,57 @@ def test_invalid_values_are_refused():
     with pytest.raises(ConfigError, match="batch_size must be a positive integer"):
         load_config(None, ["train.batch_size=0"])
     with pytest.raises(ConfigError, match="holds a section"):
-        apply_overrides(load_config(None), ["train=3"])
+        load_config(None).replace(["train=3"])
 
 
 def test_schedules():
-    none = build_lr_lambda({"name": "none"}, 100, 10)
+    none = build_lr_lambda(SchedulerConfig(name="none"), 100, 10)
     assert {none(s) for s in range(100)} == {1.0}
-    cos = build_lr_lambda({"name": "cosine", "warmup_epochs": 1, "min_lr_ratio": 0.01}, 100, 10)
+    cos = build_lr_lambda(SchedulerConfig(name="cosine", warmup_epochs=1, min_lr_ratio=0.01), 100, 10)
     assert cos(0) == pytest.approx(0.1) and cos(9) == pytest.approx(1.0)
     assert cos(99) == pytest.approx(0.01, abs=1e-3)
     assert all(cos(s) >= cos(s + 1) for s in range(10, 99))
-    one = build_lr_lambda({"name": "onecycle", "pct_start": 0.25}, 100, 10)
+    one = build_lr_lambda(SchedulerConfig(name="onecycle", pct_start=0.25), 100, 10)
     assert one(0) == pytest.approx(1 / 25) and one(25) == pytest.approx(1.0) and one(100) < 1e-3
     assert max(range(100), key=one) == 25
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.label_smoothing=abc", "train.label_smoothing must be a number, got 'abc'"),
+    ("drop_rate=abc", "drop_rate must be a number, got 'abc'"),
+    ("data.num_workers=abc", "data.num_workers must be an integer or null, got 'abc'"),
+    ("stage_channels=abc", "stage_channels must be a list of integers or null, got 'abc'"),
+    ("stage_channels=[16,32", "stage_channels must be a list of integers or null"),
+    ("train.compile=maybe", "train.compile must be true or false, got 'maybe'"),
+    ("train.epochs=2.5", "train.epochs must be an integer, got 2.5"),
+    ("augment.flip_p=2", "augment.flip_p must be >= 0 and <= 1, got 2.0"),
+    ("train.label_smoothing=1", "train.label_smoothing must be >= 0 and < 1"),
+    ("train.grad_clip=-1", "train.grad_clip must be > 0"),
+    ("train.device=tpu", "train.device must be one of auto, cpu, cuda, cuda:N, mps"),
+    ("train.optimizer.betas=[0.9]", "train.optimizer.betas must be two numbers"),
+    ("model=resnet10", "model 'resnet10' is not a timm model; close matches: resnet10t"),
+])
+def test_every_key_is_type_and_range_checked(override, message):
+    """The key, what it takes and what was given, in one line, before anything starts."""
+    with pytest.raises(ConfigError) as e:
+        load_config(CONFIGS / "recommended.yaml", [override])
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_documented_values_are_accepted():
+    # YAML 1.1 reads `no` as false: the documented choice `no` still means no mixed precision
+    assert load_config(None, ["train.mixed_precision=no"]).train.mixed_precision == "no"
+    cfg = load_config(None, ["train.channels_last=true", "train.optimizer.fused=false", "train.max_steps=null",
+                             "train.device=cuda:1", "data.num_workers=0"])
+    assert cfg.train.channels_last is True and cfg.train.optimizer.fused is False and cfg.train.device == "cuda:1"
+
+
+def test_any_timm_model_takes_only_its_keys():
+    from tinycnn.config import model_kwargs
+
+    cfg = load_config(CONFIGS / "original.yaml", ["model=resnet10t", "drop_rate=0.1"])
+    assert model_kwargs(cfg) == {"drop_rate": 0.1}  # stage_* are tinycnn's
+    cfg = load_config(None, ["model=tinycnn_narrow"])
+    assert model_kwargs(cfg) == {"drop_rate": 0.0}  # the variant's own widths, not the defaults'
+    cfg = load_config(None, ["stage_channels=[8,16]", "stage_repeats=[1,1]"])
+    assert model_kwargs(cfg) == {"drop_rate": 0.0, "stage_channels": [8, 16], "stage_repeats": [1, 1]}

@@ -1,6 +1,5 @@
+import contextlib
 import json
-import subprocess
-import sys
 from collections import Counter
 
 import pytest
@@ -8,8 +7,12 @@ import torch
 import webdataset as wds
 from torchvision.io import encode_jpeg
 
-from tinycnn.data import (DevicePrefetcher, DeviceResidentLoader, ShardError, build_loader, read_manifest,
-                          split_shards)
+import tinycnn.data as data
+from tinycnn.data import (DevicePrefetcher, DeviceResidentLoader, ShardError, build_loader, default_num_workers,
+                          is_url, read_manifest, split_shards)
+from tinycnn.tar import tar_samples
+
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
 def make_shards(root, num_samples=103, num_shards=5, num_classes=7, corrupt=None):
@@ -116,14 +119,9 @@ def test_corrupt_sample_is_named_or_skipped(tmp_path, num_workers):
     with pytest.raises(Exception, match=r"train-00001\.tar, sample s7"):
         list(build_loader(root, "train", batch_size=4, train=False, num_workers=num_workers))
     loader = build_loader(root, "train", batch_size=4, train=False, num_workers=num_workers, skip_bad=True)
-    with pytest.warns(UserWarning, match="s7") if num_workers == 0 else _nullcontext():
+    with pytest.warns(UserWarning, match="s7") if num_workers == 0 else contextlib.nullcontext():
         n = sum(len(y) for _, y in loader)
     assert n == 29 and loader.skipped == 1
-
-
-def _nullcontext():
-    import contextlib
-    return contextlib.nullcontext()
 
 
 def test_truncated_shard_is_an_error_not_a_hang(tmp_path):
@@ -180,21 +178,16 @@ def test_real_test_split_once_with_two_workers(sample_shards):
 
 @pytest.mark.real_data
 def test_real_eval_equal_across_process_counts(sample_shards):
-    """The 2-process split, each process a real process, together yields exactly the 1-process multiset."""
-    code = """
-import sys, torch
-from tinycnn.data import build_loader
-rank, world = int(sys.argv[2]), int(sys.argv[3])
-loader = build_loader(sys.argv[1], 'val', batch_size=50, train=False, num_workers=2, rank=rank, world_size=world)
-xs = [x.float().mean(dim=(1, 2, 3)) for x, _ in loader]
-print(' '.join(f'{v:.4f}' for v in torch.cat(xs).tolist()))
-"""
-    def run(rank, world):
-        out = subprocess.run([sys.executable, "-c", code, str(sample_shards), str(rank), str(world)],
-                             capture_output=True, text=True, check=True).stdout.split()
-        return out
-    one = run(0, 1)
-    two = run(0, 2) + run(1, 2)
+    """The 2-rank split (ranks are plain arguments; the process boundary is tested by test_train's 2-process
+    run) together yields exactly the 1-rank multiset of images."""
+    def image_means(rank, world):
+        loader = build_loader(sample_shards, "val", batch_size=50, train=False, num_workers=2, rank=rank,
+                              world_size=world)
+        means = [f"{v:.4f}" for x, _ in loader for v in x.float().mean(dim=(1, 2, 3)).tolist()]
+        loader.close()
+        return means
+    one = image_means(0, 1)
+    two = image_means(0, 2) + image_means(1, 2)
     assert len(one) == 500 and sorted(one) == sorted(two)
 
 
@@ -206,7 +199,6 @@ def _wds_samples(path):
 
 
 def test_fast_tar_reader_matches_webdataset(tmp_path):
-    from tinycnn.data import tar_samples
     root = make_shards(tmp_path / "s", num_samples=20, num_shards=2)
     shard = str(root / "train-00000.tar")
     assert list(tar_samples(shard)) == _wds_samples(shard)
@@ -233,7 +225,6 @@ def test_fast_tar_reader_matches_webdataset(tmp_path):
 
 
 def test_fast_tar_reader_reports_damage(tmp_path):
-    from tinycnn.data import tar_samples
     root = make_shards(tmp_path / "s", num_samples=20, num_shards=1)
     shard = root / "train-00000.tar"
     data = bytearray(shard.read_bytes())
@@ -246,7 +237,6 @@ def test_fast_tar_reader_reports_damage(tmp_path):
 
 @pytest.mark.real_data
 def test_fast_tar_reader_on_real_shards(sample_shards):
-    from tinycnn.data import tar_samples
     for shard in sorted(sample_shards.glob("*.tar"))[:5]:
         assert list(tar_samples(str(shard))) == _wds_samples(str(shard))
 
@@ -283,3 +273,159 @@ def test_pil_decoding_when_torchvision_has_no_jpeg_decoder(tmp_path, monkeypatch
     # libjpeg through PIL or torchvision: the same decoder, within rounding of the IDCT
     for a, b in zip(expected, got):
         assert a.shape == b.shape and (a.int() - b.int()).abs().max() <= 2
+
+
+# --- errors from workers, stopping workers, defaults ----------------------------------------------------
+
+@pytest.mark.parametrize("num_workers", [0, 1])
+def test_bad_shard_error_is_one_line_with_the_command_line_fix(tmp_path, num_workers):
+    root = make_shards(tmp_path / "s", num_samples=30, num_shards=3, corrupt=7)
+    loader = build_loader(root, "train", batch_size=4, train=False, num_workers=num_workers)
+    with pytest.raises(ShardError) as caught:
+        list(loader)
+    msg = str(caught.value)
+    assert type(caught.value) is ShardError  # not torch's wrapper around the worker's traceback
+    assert "\n" not in msg and "worker" not in msg and "Traceback" not in msg
+    assert "train-00001.tar, sample s7" in msg
+    assert "data.skip_bad=true" in msg and "skip_bad=True" in msg
+    loader.close()
+
+
+def test_close_stops_persistent_workers(tmp_path):
+    root = make_shards(tmp_path / "s", num_samples=103, num_shards=4)
+    loader = build_loader(root, "train", batch_size=8, train=True, num_workers=2)
+    abandoned = iter(loader)  # an epoch stopped early: the caller still holds its iterator
+    next(abandoned)
+    workers = list(loader._loader._iterator._workers)
+    assert len(workers) == 2 and all(w.is_alive() for w in workers)
+    loader.close()
+    assert not any(w.is_alive() for w in workers)
+    assert len(list(loader)) == len(loader)  # and start again on the next epoch
+    loader.close()
+
+
+@pytest.mark.parametrize("cores,local,expected",
+                         [(16, 1, 15), (16, 8, 1), (64, 4, 15), (2, 1, 1), (1, 1, 1), (4, 8, 1)])
+def test_default_num_workers_leaves_a_core_per_process(monkeypatch, cores, local, expected):
+    monkeypatch.setattr(data.os, "sched_getaffinity", lambda pid: set(range(cores)), raising=False)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", str(local))
+    assert default_num_workers() == expected
+
+
+def test_is_url():
+    for url in ("http://host/shards", "https://host/a/b/", "s3://bucket/shards", "gs://b/x", "file:///tmp/x",
+                "pipe:curl -s https://host/shards/{}"):
+        assert is_url(url), url
+    for path in ("shards/tiny-imagenet", "/abs/path", "C:\\shards", "c:/shards", "./http:x"):
+        assert not is_url(path), path
+
+
+# --- the prefetcher's logic on the CPU (a fake copier stands for the CUDA streams) ---------------------
+
+class _FakeEvent:
+    def __init__(self, done):
+        self.done = done
+
+    def query(self):
+        return self.done
+
+
+class _FakeCopier:
+    """Logs what DevicePrefetcher asks of the CUDA streams; every other copy is still running when asked."""
+
+    def __init__(self, log):
+        self.log, self.copies = log, 0
+
+    def copy(self, batch):
+        self.log.append(("copy", int(batch[1][0])))
+        self.copies += 1
+        return tuple(t.clone() for t in batch), _FakeEvent(self.copies % 2 == 0)
+
+    def hand_over(self, batch, done):
+        self.log.append(("hand_over", int(batch[1][0])))
+
+
+def test_prefetcher_copies_the_next_batch_before_handing_out_this_one():
+    batches = [(torch.full((2, 3), k, dtype=torch.uint8), torch.full((2,), k)) for k in range(4)]
+    log = []
+    prefetcher = DevicePrefetcher(batches, "cpu", copier=_FakeCopier(log))
+    for x, y in prefetcher:
+        k = int(y[0])
+        log.append(("got", k))
+        assert torch.equal(x, batches[k][0])
+        # the step gets batch k only after it was handed to the compute stream and batch k+1's copy was queued
+        assert log[-3:] == [("hand_over", k), ("copy", k + 1), ("got", k)] if k < 3 else \
+            log[-2:] == [("hand_over", k), ("got", k)]
+    assert [e for e in log if e[0] == "got"] == [("got", k) for k in range(4)]
+    assert (prefetcher.served, prefetcher.ready) == (4, 2)
+    assert list(DevicePrefetcher([], "cpu", copier=_FakeCopier([]))) == []
+
+
+def test_prefetcher_leaves_pinning_to_the_device(tmp_path):
+    root = make_shards(tmp_path / "s", num_samples=20, num_shards=2)
+    loaders = {d: build_loader(root, "train", batch_size=4, train=False, num_workers=0) for d in ("cpu", "cuda")}
+    assert all(loader.pin_memory is None for loader in loaders.values())
+    DevicePrefetcher(loaders["cpu"], "cpu")
+    DevicePrefetcher(loaders["cuda"], "cuda")  # constructing it touches no CUDA
+    assert loaders["cpu"].pin_memory is False and loaders["cuda"].pin_memory is True
+    explicit = build_loader(root, "train", batch_size=4, train=False, num_workers=0, pin_memory=False)
+    DevicePrefetcher(explicit, "cuda")
+    assert explicit.pin_memory is False
+
+
+def test_device_resident_draws_a_new_permutation_for_each_pass(tmp_path):
+    # labels identify samples here (fewer samples than classes)
+    root = make_shards(tmp_path / "s", num_samples=20, num_shards=2, num_classes=1000)
+    base = build_loader(root, "train", batch_size=4, train=False, num_workers=0)
+    resident = DeviceResidentLoader(base, "cpu", num_batches=10, batch_size=4, seed=0)
+    first = [y.tolist() for _, y in resident]
+    streamed, filled = first[:5], first[5:]  # 20 samples stream in, the rest of the epoch comes from the cache
+    assert sorted(sum(streamed, [])) == list(range(20))
+    assert len({tuple(b) for b in filled}) > 1  # not the same batch drawn again and again
+    resident.set_epoch(1)
+    second = torch.cat([y for _, y in resident]).tolist()
+    assert sorted(second[:20]) == sorted(second[20:]) == list(range(20)) and second[:20] != second[20:]
+
+
+# --- CUDA paths (run where CUDA is present) ---------------------------------------------------------------
+
+@requires_cuda
+def test_cuda_batches_are_pinned_with_persistent_workers(tmp_path):
+    root = make_shards(tmp_path / "s", num_samples=60, num_shards=3)
+    loader = build_loader(root, "train", batch_size=8, train=True, num_workers=1)
+    DevicePrefetcher(loader, "cuda")
+    for epoch in range(2):  # the second epoch runs on the same (persistent) workers
+        loader.set_epoch(epoch)
+        assert all(x.is_pinned() and y.is_pinned() for x, y in loader)
+    loader.close()
+
+
+@requires_cuda
+def test_cuda_prefetcher_matches_the_host_batches_without_host_syncs(tmp_path):
+    root = make_shards(tmp_path / "s", num_samples=60, num_shards=3)
+    host = list(build_loader(root, "train", batch_size=8, train=False, num_workers=0))
+    prefetcher = DevicePrefetcher(build_loader(root, "train", batch_size=8, train=False, num_workers=1), "cuda")
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        got = [(x.clone(), y.clone()) for x, y in prefetcher]  # clone on the compute stream: uses the copies
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert len(got) == len(host)
+    for (x, y), (hx, hy) in zip(got, host):
+        assert x.is_cuda and torch.equal(x.cpu(), hx) and torch.equal(y.cpu(), hy)
+    assert prefetcher.served == len(host) and 0 <= prefetcher.ready <= prefetcher.served
+
+
+@requires_cuda
+def test_cuda_device_resident_epochs_without_host_syncs(tmp_path):
+    root = make_shards(tmp_path / "s", num_samples=50, num_shards=3)
+    base = build_loader(root, "train", batch_size=8, train=False, num_workers=0, pin_memory=True)
+    resident = DeviceResidentLoader(base, "cuda", num_batches=8, batch_size=8, seed=0)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for epoch in range(2):
+            resident.set_epoch(epoch)
+            labels = [y for _, y in resident]
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert len(labels) == 8 and all(y.is_cuda and y.shape == (8,) for y in labels)

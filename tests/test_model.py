@@ -1,3 +1,4 @@
+import json
 import subprocess
 import sys
 
@@ -80,6 +81,22 @@ def test_grad_checkpointing_gives_the_same_gradients():
         torch.testing.assert_close(a, b)
 
 
+def test_grad_checkpointing_recomputes_every_block_once():
+    model = timm.create_model("tinycnn", stage_channels=[8, 16], stage_repeats=[2, 1], num_classes=5)
+    calls = []
+    for name, m in model.named_modules():
+        if name.count("blocks.") and name.endswith(".conv"):
+            m.register_forward_hook(lambda m, i, o, name=name: calls.append(name))
+    model.set_grad_checkpointing()
+    model(torch.randn(2, 3, 64, 64)).sum().backward()
+    # checkpointed at one level: each block runs in the forward pass and once more in the backward pass
+    assert sorted(calls) == sorted(2 * ["stages.0.blocks.0.conv", "stages.0.blocks.1.conv", "stages.1.blocks.0.conv"])
+    calls.clear()
+    model.set_grad_checkpointing(False)
+    model(torch.randn(2, 3, 64, 64)).sum().backward()
+    assert len(calls) == 3
+
+
 def test_group_matcher_splits_stem_blocks_and_head():
     from timm.models._manipulate import group_parameters
     model = timm.create_model("tinycnn")
@@ -95,5 +112,25 @@ def test_channels_last_and_compile():
     ref = model(x)
     cl = model.to(memory_format=torch.channels_last)
     torch.testing.assert_close(cl(x.to(memory_format=torch.channels_last)), ref, rtol=1e-4, atol=1e-5)
-    compiled = torch.compile(model)
+    compiled = torch.compile(model, backend="aot_eager")  # dynamo + AOTAutograd; inductor's C++ build adds ~15 s
     torch.testing.assert_close(compiled(x), ref, rtol=1e-4, atol=1e-5)
+
+
+def test_timm_hub_config_rebuilds_the_model(tmp_path):
+    """timm's local-dir:/hf-hub: loader passes config.json's model_args (stage_channels, ...) to create_model."""
+    from timm.models import save_for_hf
+
+    torch.manual_seed(0)
+    model = timm.create_model("tinycnn_narrow", num_classes=10, stage_channels=[8, 16], stage_repeats=[1, 2]).eval()
+    assert model.pretrained_cfg["pool_size"] == (32, 32)  # 2 stages: 64x64 pooled once
+    save_for_hf(model, tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["model_args"]["stage_channels"] == [8, 16] and config["model_args"]["stage_repeats"] == [1, 2]
+    loaded = timm.create_model(f"local-dir:{tmp_path}", pretrained=True).eval()
+    assert (loaded.stage_channels, loaded.stage_repeats, loaded.num_classes) == ((8, 16), (1, 2), 10)
+    assert set(loaded.state_dict()) == set(model.state_dict())
+    x = torch.randn(2, 3, 64, 64)
+    assert torch.equal(loaded(x), model(x))
+    # the same arguments by hand, as JSON gives them (lists)
+    again = timm.create_model(config["architecture"], **config["model_args"])
+    assert again.stage_channels == (8, 16) and again.pretrained_cfg["pool_size"] == (32, 32)

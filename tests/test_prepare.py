@@ -1,12 +1,13 @@
 """tinycnn-prepare: real-sample checks (read in place via conftest's fixtures), synthetic bad inputs, download."""
+import contextlib
 import hashlib
 import io
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
-import tarfile
 import threading
 import time
 import zipfile
@@ -22,8 +23,7 @@ from PIL import Image
 from torchvision.io import ImageReadMode, decode_jpeg
 
 import tinycnn
-from tinycnn.prepare import (PrepareError, _check_jpeg, _tar_header, download, ensure_prepared, is_prepared, main,
-                             prepare)
+from tinycnn.prepare import PrepareError, _check_jpeg, download, ensure_prepared, is_prepared, main, prepare
 
 REPO = Path(__file__).resolve().parents[1]
 TOP = "tiny-imagenet-200/"
@@ -41,13 +41,16 @@ def read_split(folder, split):
 
 
 def key_map(folder):
-    """{key: (split, label, wnid)} over all splits of a prepared folder."""
+    """{key: (split, label, wnid)} over all splits of a prepared folder (the wnid from the manifest's classes)."""
     manifest = json.loads((Path(folder) / "manifest.json").read_text())
+    wnids = [c["wnid"] for c in manifest["classes"]]
     out = {}
     for split in manifest["splits"]:
         for s in read_split(folder, split):
             assert s["__key__"] not in out, f"{s['__key__']} written twice"
-            out[s["__key__"]] = (split, int(s["cls"]), s["wnid"].decode())
+            assert {k for k in s if not k.startswith("__")} == {"cls", "jpg"}  # no .wnid: the manifest has it
+            label = int(s["cls"])
+            out[s["__key__"]] = (split, label, wnids[label] if label >= 0 else "")
     return out
 
 
@@ -140,12 +143,14 @@ def shard_samples(sample_shards):
 
 
 @pytest.mark.real_data
-def test_sample_manifest(sample_shards, truth):
+def test_sample_manifest(sample_shards, sample_zip, truth):
     _, wnids = truth
     m = json.loads((sample_shards / "manifest.json").read_text())
-    assert m["format"] == "tinycnn-shards" and m["format_version"] == 1
+    assert m["format"] == "tinycnn-shards" and m["format_version"] == 2  # 2: no .wnid member, source fingerprint
     assert m["tinycnn_version"] == tinycnn.__version__
     assert m["source"]["kind"] == "zip" and m["seed"] == 0 and m["holdout_per_class"] == 50
+    assert m["source"]["path"] == str(sample_zip.resolve()) and m["source"]["size"] == sample_zip.stat().st_size
+    assert m["source"]["fingerprint"].startswith("sha256:") and m["compress"] is False
     assert m["num_classes"] == 10 and m["input_shape"] == [3, 64, 64]
     assert [c["wnid"] for c in m["classes"]] == wnids
     assert {c["wnid"]: c["name"] for c in m["classes"]}["n02124075"] == "Egyptian cat"  # from words.txt
@@ -183,7 +188,7 @@ def test_sample_labels_keys_and_bytes(sample_shards, shard_samples, truth):
             assert official == ("val" if split == "test" else "train"), key
             if official == "train":
                 assert key.startswith(wnid + "_")
-            assert s["wnid"].decode() == wnid
+            assert "wnid" not in s and m["classes"][int(s["cls"])]["wnid"] == wnid  # the manifest has the wnids
             assert int(s["cls"]) == wnids.index(wnid)
             assert s["jpg"] == data  # original bytes, no re-encode
             counts[int(s["cls"])] += 1
@@ -328,7 +333,7 @@ def test_cli_help_explains_everything(capsys):
     assert e.value.code == 0
     text = capsys.readouterr().out
     for flag in ("--out", "--holdout", "--seed", "--num-shards", "--skip-bad", "--force", "--workers",
-                 "--include-unlabeled-test", "--url", "--hf", "--md5", "--sha256", "--no-verify", "examples:"):
+                 "--include-unlabeled", "--compress", "--url", "--hf", "--md5", "--sha256", "--no-verify", "examples:"):
         assert flag in text
 
 
@@ -386,11 +391,11 @@ def test_no_top_folder_and_messy_wnids(tmp_path):
 def test_unlabeled_test_images_on_request(tmp_path):
     src = write_zip(synthetic(n_test=3), tmp_path / "src.zip")
     assert "unlabeled" not in quick(src, tmp_path / "a")["splits"]
-    m = quick(src, tmp_path / "b", include_test_images=True)
+    m = quick(src, tmp_path / "b", include_unlabeled=True)
     samples = read_split(tmp_path / "b", "unlabeled")
     assert m["splits"]["unlabeled"]["num_samples"] == 3
     assert sorted(s["__key__"] for s in samples) == ["test_0", "test_1", "test_2"]
-    assert {s["cls"] for s in samples} == {b"-1"} and {s["wnid"] for s in samples} == {b""}
+    assert {s["cls"] for s in samples} == {b"-1"} and not any("wnid" in s for s in samples)
 
 
 @pytest.mark.parametrize("case, reason", [
@@ -546,13 +551,6 @@ def test_check_jpeg_catches_truncation():
     assert "does not decode" in _check_jpeg(data[:2] + b"\0" * 200 + b"\xff\xd9")
 
 
-@pytest.mark.parametrize("name, size", [("n01443537_12.jpg", 1641), ("val_1.cls", 1), ("x" * 100, 0)])
-def test_tar_header_is_tarfiles(name, size):
-    info = tarfile.TarInfo(name)
-    info.size, info.mode, info.mtime = size, 0o444, 0
-    assert _tar_header(name.encode(), size) == info.tobuf(tarfile.USTAR_FORMAT)
-
-
 # ---------------------------------------------------------------------------------------------
 # download
 
@@ -689,13 +687,17 @@ def test_cli_download_hf(monkeypatch, tmp_path):
     assert is_prepared(tmp_path / "out")
 
 
-def test_ensure_prepared(server, small_zip, tmp_path):
+def test_ensure_prepared(server, small_zip, tmp_path, capsys):
     data, md5 = small_zip
     out = tmp_path / "data" / "tiny"
     with pytest.raises(PrepareError, match="tinycnn-prepare /path/to/tiny-imagenet-200.zip --out"):
         ensure_prepared(out, download=False)
     server["files"]["/z.zip"] = data
-    assert ensure_prepared(out, url=server["url"] + "/z.zip", md5=md5, holdout_per_class=2, progress=False) == out
+    assert ensure_prepared(out, download=True, url=server["url"] + "/z.zip", md5=md5, holdout_per_class=2,
+                           progress=False) == out
+    said = " ".join(capsys.readouterr().err.split())  # before it starts: what, how big, where
+    assert f"downloading {server['url']}/z.zip (the official zip is ~248 MB) into {tmp_path / 'data' / 'downloads'}" \
+        f", then writing shards to {out}" in said
     assert is_prepared(out) and (tmp_path / "data" / "downloads" / "z.zip").is_file()
     assert ensure_prepared(out, download=False) == out  # already there: no download, no work
     assert len(server["requests"]) == 1
@@ -704,3 +706,250 @@ def test_ensure_prepared(server, small_zip, tmp_path):
     assert ensure_prepared(other, source=tmp_path / "data" / "downloads" / "z.zip", download=False,
                            holdout_per_class=2, progress=False) == other
     assert tar_bytes(other) == tar_bytes(out)
+
+
+# ---------------------------------------------------------------------------------------------
+# compressed shards
+
+
+def jpeg_bytes(samples):
+    return sum(len(s["jpg"]) for split in samples.values() for s in split)
+
+
+@pytest.mark.real_data
+def test_compressed_shards_hold_the_same_samples(sample_zip, sample_shards, shard_samples, tmp_path):
+    out = tmp_path / "gz"
+    assert main([str(sample_zip), "--out", str(out), "--compress", "--no-progress"]) == 0
+    m = json.loads((out / "manifest.json").read_text())
+    assert m["compress"] is True
+    for split, s in m["splits"].items():
+        assert [x["file"] for x in s["shards"]] == [f"{split}-{i:05d}.tar.gz" for i in range(len(s["shards"]))]
+        # plain webdataset reads them as they are, sample for sample the same as the plain shards
+        assert [(x["__key__"], x["cls"], x["jpg"]) for x in read_split(out, split)] == \
+            [(x["__key__"], x["cls"], x["jpg"]) for x in shard_samples[split]]
+    info = json.loads((out / "_info.json").read_text())
+    assert info["splits"]["test"]["filenames"] == [x["file"] for x in m["splits"]["test"]["shards"]]
+    # the bytes a remote reader pays for: issue goal 1.15x the JPEG bytes (plain shards: 512-byte headers)
+    jpegs = jpeg_bytes(shard_samples)
+    plain = sum(p.stat().st_size for p in sample_shards.glob("*.tar"))
+    packed = sum(p.stat().st_size for p in out.glob("*.tar.gz"))
+    assert packed < 1.15 * jpegs and plain < 2.0 * jpegs
+    # the same settings again: a no-op; other compression: refused without --force
+    assert main([str(sample_zip), "--out", str(out), "--compress", "--no-progress"]) == 0
+    with pytest.raises(PrepareError, match=r"other settings: compress True \(asked False\)"):
+        prepare(sample_zip, out, progress=False)
+
+
+@pytest.mark.real_data
+def test_timm_and_the_loader_read_compressed_shards(sample_zip, tmp_path):
+    timm_data = pytest.importorskip("timm.data")
+    from tinycnn.data import build_loader
+    out = tmp_path / "gz"
+    prepare(sample_zip, out, compress=True, progress=False)
+    ds = timm_data.create_dataset("wds/tiny", root=str(out), split="test")
+    targets = Counter(target for img, target in ds)
+    assert targets == Counter({i: 50 for i in range(10)})
+    loader = build_loader(out, "test", batch_size=128, train=False, num_workers=0)
+    labels = torch.cat([y for x, y in loader])
+    assert Counter(labels.tolist()) == targets
+
+
+# ---------------------------------------------------------------------------------------------
+# provenance: what the shards were made from
+
+
+def test_manifest_fingerprints_zip_and_folder_sources(tmp_path):
+    files = synthetic()
+    zm = quick(write_zip(files, tmp_path / "src.zip"), tmp_path / "a")
+    fm = quick(write_dir(files, tmp_path / "src"), tmp_path / "b")
+    assert zm["source"]["size"] == (tmp_path / "src.zip").stat().st_size
+    assert fm["source"]["size"] == sum(len(v) for v in files.values())
+    assert zm["source"]["fingerprint"] != fm["source"]["fingerprint"]
+    (tmp_path / "src" / TOP / "val" / "images" / "extra.JPEG").write_bytes(b"x")  # a folder that changed
+    with pytest.raises(PrepareError, match="already prepared, made from .*src .*other content"):
+        quick(tmp_path / "src", tmp_path / "b")
+
+
+def test_ensure_prepared_checks_the_source(tmp_path, recwarn):
+    src = write_zip(synthetic(), tmp_path / "a.zip")
+    other = write_zip(synthetic(n_train=5), tmp_path / "b.zip")
+    out = tmp_path / "shards"
+    quick(src, out)
+    assert ensure_prepared(out, source=src) == out
+    moved = tmp_path / "moved.zip"
+    moved.write_bytes(src.read_bytes())
+    assert ensure_prepared(out, source=moved) == out  # same content elsewhere: the same data
+    with pytest.raises(PrepareError) as e:
+        ensure_prepared(out, source=other)
+    msg = str(e.value)
+    assert str(src) in msg and str(other) in msg and "\n" not in msg
+    assert f"tinycnn-prepare {other} --out {out} --force" in msg and "--data" in msg
+    # prepare says the same to a user who runs it without --force, and rebuilds with it
+    with pytest.raises(PrepareError, match=f"made from {src}.*not from {other}.*--force"):
+        quick(other, out)
+    src.unlink()  # the source deleted after preparing: the shards are still what they are
+    assert ensure_prepared(out, source=src) == out
+    with pytest.raises(PrepareError, match="does not exist"):
+        ensure_prepared(out, source=tmp_path / "typo.zip")
+    assert not recwarn.list
+
+
+def test_shards_without_fingerprint_are_compared_by_path(tmp_path):
+    src = write_zip(synthetic(), tmp_path / "a.zip")
+    out = tmp_path / "shards"
+    quick(src, out)
+    m = json.loads((out / "manifest.json").read_text())
+    m["source"] = {"kind": "zip", "path": str(src)}  # as tinycnn-prepare wrote it before fingerprints
+    (out / "manifest.json").write_text(json.dumps(m))
+    with pytest.warns(UserWarning, match="no source fingerprint.*by path"):
+        assert ensure_prepared(out, source=src) == out
+    copy = tmp_path / "copy.zip"
+    copy.write_bytes(src.read_bytes())
+    with pytest.raises(PrepareError, match="compared by path: these shards record no fingerprint"):
+        ensure_prepared(out, source=copy)
+
+
+def test_ensure_prepared_missing_or_empty_folder(tmp_path):
+    out = tmp_path / "shards" / "tiny"
+    with pytest.raises(PrepareError, match=f"{out} does not exist; prepare it first: "
+                                           f"tinycnn-prepare /path/to/tiny-imagenet-200.zip --out {out}"):
+        ensure_prepared(out)
+    out.mkdir(parents=True)
+    with pytest.raises(PrepareError, match=f"{out} is empty; prepare it first"):
+        ensure_prepared(out)
+    (out / "notes.txt").write_text("x")
+    with pytest.raises(PrepareError, match=f"{out} holds no prepared dataset"):
+        ensure_prepared(out)
+    assert sorted(p.name for p in (tmp_path / "shards").iterdir()) == ["tiny"]  # nothing downloaded
+
+
+# ---------------------------------------------------------------------------------------------
+# the unlabeled images' one name, and its old CLI spelling
+
+
+@pytest.mark.parametrize("flag", ["--include-unlabeled", "--include-unlabeled-test"])
+def test_cli_include_unlabeled(tmp_path, flag):
+    src = write_zip(synthetic(n_test=2), tmp_path / "src.zip")
+    assert main([str(src), "--out", str(tmp_path / "out"), "--holdout", "2", "--no-progress", flag]) == 0
+    assert json.loads((tmp_path / "out" / "manifest.json").read_text())["splits"]["unlabeled"]["num_samples"] == 2
+
+
+# ---------------------------------------------------------------------------------------------
+# killed, interrupted, concurrent
+
+
+def _proc_state(pid):
+    """(state, parent pid) from /proc, or None when the process is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return fields[0], int(fields[1])
+
+
+def _children(pid):
+    out = []
+    for d in os.listdir("/proc"):
+        st = _proc_state(d) if d.isdigit() else None
+        if st and st[1] == pid and st[0] != "Z":
+            out.append(int(d))
+    return out
+
+
+def _gone(pids, timeout=20.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if all(_proc_state(p) in (None,) or _proc_state(p)[0] == "Z" for p in pids):
+            return True
+        time.sleep(0.05)
+    return False
+
+
+@pytest.fixture
+def stalled_prepare(tmp_path):
+    """A `tinycnn-prepare` with its worker pool up, stuck reading a source image (a FIFO nobody writes)."""
+    if not sys.platform.startswith("linux"):
+        pytest.skip("needs /proc and FIFOs")
+    files = synthetic()
+    for w in WNIDS:  # enough images for a process pool (2,000)
+        files.update({f"{TOP}train/{w}/images/{w}_x{i}.JPEG": files[f"{TOP}train/{w}/images/{w}_0.JPEG"]
+                      for i in range(700)})
+    src = write_dir(files, tmp_path / "src")
+    os.mkfifo(src / TOP / "train" / WNIDS[0] / "images" / f"{WNIDS[0]}_zz.JPEG")
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([sys.executable, "-m", "tinycnn.prepare", str(src), "--out", str(out), "--workers", "2",
+                             "--holdout", "2", "--no-progress"], env=env, start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not (len(_children(proc.pid)) >= 2 and list(tmp_path.glob("out.tmp-*"))):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.05)
+    time.sleep(0.5)  # let it reach the FIFO
+    workers = _children(proc.pid)
+    yield proc, workers, write_zip(synthetic(), tmp_path / "good.zip"), out
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+    for pid in workers:  # never leave processes behind, even when a test failed (but only ours: pids get reused)
+        with contextlib.suppress(OSError):
+            if b"tinycnn.prepare" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                os.kill(pid, signal.SIGKILL)
+
+
+def test_second_prepare_into_the_same_folder_stops_at_once(stalled_prepare, capsys):
+    proc, _, good, out = stalled_prepare
+    started = time.monotonic()
+    assert main([str(good), "--out", str(out), "--holdout", "2", "--no-progress"]) == 2
+    assert time.monotonic() - started < 5
+    err = " ".join(capsys.readouterr().err.split())
+    assert f"{out} is being written by another tinycnn-prepare (pid {proc.pid})" in err
+    assert proc.poll() is None and len(list(out.parent.glob("out.tmp-*"))) == 1  # the first one is untouched
+
+
+def test_sigkill_leaves_no_process_and_the_next_run_cleans_up(stalled_prepare, capsys):
+    proc, workers, good, out = stalled_prepare
+    tmp = list(out.parent.glob("out.tmp-*"))
+    assert [t.name.split("-")[1] for t in tmp] == [str(proc.pid)]  # the owner's pid in the name
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert _gone(workers), f"pool workers {workers} outlived their SIGKILLed parent"
+    assert tmp[0].is_dir()  # nothing could clean up after SIGKILL...
+    quick(good, out)  # ...so the next run does, and says so
+    err = " ".join(capsys.readouterr().err.split())
+    assert f"removed {tmp[0]}, left by process {proc.pid} that did not finish" in err
+    assert leftovers(out) == ["out"] and is_prepared(out)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_sigterm_and_ctrl_c_clean_up(stalled_prepare, sig):
+    proc, workers, _, out = stalled_prepare
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "interrupted" in err and "Traceback" not in err
+    assert _gone(workers) and leftovers(out) == []  # no temporary folder, no lock file
+
+
+def test_stale_temporary_folders_of_dead_runs_are_removed(tmp_path, capsys):
+    src = write_zip(synthetic(), tmp_path / "src.zip")
+    out = tmp_path / "out"
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    live = os.getppid()  # our parent: alive, and not us
+    for name in (f"out.tmp-{dead}-0123abcd", "out.tmp-89abcdef", f"out.old-{dead}-00000000",
+                 f"out.tmp-{live}-0123abcd", "out.tmp-notmine"):
+        (tmp_path / name).mkdir()
+    quick(src, out)
+    err = " ".join(capsys.readouterr().err.split())
+    assert f"left by process {dead}" in err and "out.tmp-89abcdef, left by an earlier run" in err
+    assert leftovers(out) == ["out", f"out.tmp-{live}-0123abcd", "out.tmp-notmine"]
+
+
+def test_unusable_out_is_one_line(tmp_path):
+    src = write_zip(synthetic(), tmp_path / "src.zip")
+    (tmp_path / "file.txt").write_text("x")
+    for out, why in ((tmp_path / "file.txt", "exists and is not a folder"),
+                     (tmp_path / "file.txt" / "sub" / "out", "cannot create")):
+        with pytest.raises(PrepareError, match=why):
+            quick(src, out)
+    assert (tmp_path / "file.txt").read_text() == "x"

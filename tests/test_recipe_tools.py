@@ -69,10 +69,10 @@ def test_grid_plan_is_the_product_in_order():
     assert plan[12].lr == 0.002 and plan[12].weight_decay == 1e-5
     assert plan[34].name == "gs_034_lr=0.005_wd=1e-4_ch=64-128-256_rep=2-2-2"
     run_cfg = grid.run_config(cfg, plan[34])
-    assert run_cfg["train"]["optimizer"]["lr"] == 0.005 and run_cfg["train"]["optimizer"]["weight_decay"] == 1e-4
-    assert run_cfg["stage_channels"] == [64, 128, 256] and run_cfg["stage_repeats"] == [2, 2, 2]
-    assert run_cfg["train"]["epochs"] == 3 and run_cfg["run_name"] == plan[34].name
-    assert cfg["train"]["optimizer"]["lr"] == 0.003  # the base config is left alone
+    assert run_cfg.train.optimizer.lr == 0.005 and run_cfg.train.optimizer.weight_decay == 1e-4
+    assert run_cfg.stage_channels == [64, 128, 256] and run_cfg.stage_repeats == [2, 2, 2]
+    assert run_cfg.train.epochs == 3 and run_cfg.run_name == plan[34].name
+    assert cfg.train.optimizer.lr == 0.003  # the base config is left alone
 
 
 def test_grid_plan_rejects_bad_grids():
@@ -131,13 +131,13 @@ def test_run_status_reads_metrics(tmp_path):
     cfg = load_config(overrides=["train.batch_size=10", f"data.root={tmp_path}"])
     run = grid.grid_plan(load_config(overrides=["grid.lr=[0.01]", "grid.weight_decay=[0]", "grid.epochs=2",
                                                 "grid.stage_channels=[[8]]", "grid.stage_repeats=[[1]]"]))[0]
-    cfg["grid"]["epochs"] = 2
+    cfg = cfg.replace(["grid.epochs=2"])
     run_cfg = grid.run_config(cfg, run)
     assert grid.expected_steps(run_cfg, manifest) == (2, 20)
     d = tmp_path / run.name
     assert grid.run_status(d, run_cfg, manifest) == "new"
     d.mkdir()
-    (d / "config.yaml").write_text(yaml.safe_dump(run_cfg))
+    (d / "config.yaml").write_text(yaml.safe_dump(run_cfg.to_dict()))
     (d / "metrics.jsonl").write_text(json.dumps({"epoch": 1, "step": 10, "val/accuracy": 0.2, "val/loss": 2.0}) + "\n")
     assert grid.run_status(d, run_cfg, manifest) == "new"  # one of two epochs, nothing to resume
     (d / "state").mkdir()
@@ -148,11 +148,11 @@ def test_run_status_reads_metrics(tmp_path):
         f.write('{"epoch": 3, "st')  # a torn line is ignored
     assert grid.run_status(d, run_cfg, manifest) == "finished"
     assert grid.expected_steps(run_cfg, manifest, world_size=2) == (2, 10)  # 2 processes: 5 steps an epoch
-    assert grid.expected_steps({**run_cfg, "train": {**run_cfg["train"], "max_steps": 25}}, manifest) == (3, 25)
+    assert grid.expected_steps(run_cfg.replace(["train.max_steps=25"]), manifest) == (3, 25)
     # a setting that does not change the result keeps it finished; one that does makes it another run
-    assert grid.run_status(d, {**run_cfg, "data": {**run_cfg["data"], "num_workers": 7}}, manifest) == "finished"
+    assert grid.run_status(d, run_cfg.replace(["data.num_workers=7"]), manifest) == "finished"
     other = grid.run_config(load_config(overrides=["train.batch_size=10", f"data.root={tmp_path}", "train.seed=1"]), run)
-    other["train"]["epochs"] = 2
+    other = other.replace(["train.epochs=2"])
     assert grid.run_status(d, other, manifest) == "changed"
     r = grid.run_result(run, d, "finished")
     assert (r["val_accuracy"], r["val_loss"], r["best_epoch"], r["epochs"]) == (0.4, 1.5, 2, 2)
@@ -340,16 +340,15 @@ def test_lr_finder_stops_when_the_loss_diverges(sample_shards):
     assert r["stopped_early"] and r["stop_reason"].startswith("smoothed loss")
     assert 3 <= r["num_points"] < 30 and len(r["points"]) == r["num_points"]
     last = r["points"][-1]
-    assert last["smoothed_loss"] > cfg["lr_finder"]["diverge_factor"] * r["best_smoothed_loss"]
+    assert last["smoothed_loss"] > cfg.lr_finder.diverge_factor * r["best_smoothed_loss"]
     assert all(p["smoothed_loss"] <= 4 * r["best_smoothed_loss"] for p in r["points"][:-1])  # not earlier
     assert r["suggested_lr"] is not None and 1e-3 <= r["suggested_lr"] <= 1e6
     assert r["suggested_lr"] < last["lr"]
 
 
 def test_lr_finder_rejects_bad_settings(sample_shards):
-    cfg = load_config(overrides=[f"data.root={sample_shards}", *TINY, "lr_finder.min_lr=1", "lr_finder.max_lr=0.1"])
-    with pytest.raises(ValueError, match="min_lr < max_lr"):
-        find_lr(cfg, None, progress=False)
+    with pytest.raises(ValueError, match="min_lr < max_lr"):  # checked with the config, before the sweep
+        load_config(overrides=[f"data.root={sample_shards}", *TINY, "lr_finder.min_lr=1", "lr_finder.max_lr=0.1"])
 
 
 # ============================================================================= real sample: grid search
@@ -414,7 +413,7 @@ def test_grid_search_recipe_part_and_merge(grid_run, monkeypatch, capsys):
     """The command line a --gpus part process gets, then --merge: the merged table of every run folder."""
     cfg, out, results = grid_run
     (out / "results.md").unlink()
-    args = ["--data", cfg["data"]["root"], "--output", str(out), "--gpus", "0,1", *GRID]
+    args = ["--data", cfg.data.root, "--output", str(out), "--gpus", "0,1", *GRID]
     part = grid.child_argv(args) + ["--part", "0/2", "--no-progress"]
     assert run_recipe("grid_search", part, monkeypatch) == 0
     printed = capsys.readouterr().out

@@ -15,8 +15,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
-from tinycnn import report
+from tinycnn import grid, report
+from tinycnn.config import load_config
 from tinycnn.report import (ReportError, build_report, class_extremes, collect, detect, holdout_note,
                             hyperparameter_effects, layer_table)
 
@@ -185,9 +187,13 @@ def test_report_from_synthetic_outputs_without_training(tmp_path):
         y = 2.3 - 1.0 / (1 + math.exp(-3 * (math.log10(x) + 2)))
         lines.append(f"{i},{x!r},{y!r},{y!r}")
     (lr / "lr_finder.csv").write_text("\n".join(lines) + "\n")
-    for i, (rate, accs) in enumerate([(0.001, [0.1, 0.2]), (0.01, [0.15, 0.35])]):
-        d = tmp_path / "grid" / f"gs_{i:03d}_lr={rate}_wd=0_ch=8-16_rep=1-1"
+    # run folders as train() leaves them (config.yaml, metrics.jsonl), without the grid's tables
+    cfg = load_config(CONFIGS / "grid_search.yaml", ["grid.lr=[0.001,0.01]", "grid.weight_decay=[0]",
+                                                     "grid.stage_channels=[[8,16]]", "grid.stage_repeats=[[1,1]]"])
+    for run, accs in zip(grid.grid_plan(cfg), [[0.1, 0.2], [0.15, 0.35]]):
+        d = tmp_path / "grid" / run.name
         d.mkdir(parents=True)
+        d.joinpath("config.yaml").write_text(yaml.safe_dump(grid.run_config(cfg, run).to_dict()))
         d.joinpath("metrics.jsonl").write_text("".join(json.dumps(
             {"epoch": e + 1, "step": 10 * (e + 1), "train/loss": 2.0, "val/loss": 1.9, "val/accuracy": a}) + "\n"
             for e, a in enumerate(accs)))

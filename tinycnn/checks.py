@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from .augment import GPUAugment
+from .config import Config
 from .data import build_loader, read_manifest
 
 __all__ = ["CheckError", "split_stats", "split_labels", "check_batch_shape", "baselines", "initial_loss",
@@ -196,50 +197,48 @@ def _jsonable(value):
     return value
 
 
-def run_checks(cfg: Dict[str, Any], output: Union[str, Path], *, accelerator=None, num_images: int = 16,
+def run_checks(cfg: Config, output: Union[str, Path], *, accelerator=None, num_images: int = 16,
                nrow: int = 8, loss_tolerance: float = LOSS_TOLERANCE) -> Dict[str, Any]:
     """Run every check of the module docstring on cfg's data and model; write OUTPUT/checks.json and
     OUTPUT/augment_grid.png (main process only). Returns the results; `results['passed']` is False when
     a check is flagged (initial loss off, zero gradients)."""
     from accelerate.utils import set_seed
 
-    from .train import build_model, make_accelerator
+    from .device import make_accelerator
+    from .plan import RunPlan, build_augment, build_model, model_description
 
     output = Path(output)
     accelerator = accelerator or make_accelerator(cfg, log=False)
     device = accelerator.device
-    t, d = cfg["train"], cfg["data"]
-    root = Path(d["root"])
+    t, d = cfg.train, cfg.data
+    plan = RunPlan.from_config(cfg)
+    root = d.root
     manifest = read_manifest(root)
     num_classes = int(manifest["num_classes"])
-    set_seed(t["seed"])
+    set_seed(t.seed)
 
-    results: Dict[str, Any] = {"data": str(root), "num_classes": num_classes, "device": str(device),
-                               "model": {"name": cfg["model"], "stage_channels": list(cfg["stage_channels"]),
-                                         "stage_repeats": list(cfg["stage_repeats"])}}
+    results: Dict[str, Any] = {"data": str(root), "num_classes": num_classes, "device": str(device)}
     results["splits"] = split_stats(manifest)
 
     # one training batch, as training reads it (one process: a check needs no more)
-    subset = t["overfit_small_size"] if t["overfit_small"] else None
-    loader = build_loader(root, d["train_split"], batch_size=t["batch_size"], train=True, num_workers=0,
-                          seed=t["seed"], subset=subset, shuffle_buffer=d["shuffle_buffer"], skip_bad=d["skip_bad"])
+    loader = build_loader(root, d.train_split, batch_size=t.batch_size, train=True, num_workers=0, seed=t.seed,
+                          subset=plan.train_subset, shuffle_buffer=d.shuffle_buffer, skip_bad=d.skip_bad)
     batch = next(iter(loader))
+    loader.close()
     shape = check_batch_shape(batch, manifest)
     results["batch_shape"], results["input_shape"] = shape["batch_shape"], shape["input_shape"]
     results["batch"] = shape
 
-    results["baselines"] = baselines(manifest, split_labels(root, manifest, d["train_split"]),
-                                     split_labels(root, manifest, d["val_split"]), seed=t["seed"])
+    results["baselines"] = baselines(manifest, split_labels(root, manifest, d.train_split),
+                                     split_labels(root, manifest, d.val_split), seed=t.seed)
 
     # the untrained model on that batch, augmented as in training: loss, then one backward
     model = build_model(cfg, num_classes).to(device).train()
-    results["num_parameters"] = sum(p.numel() for p in model.parameters())
-    aug_cfg = dict(cfg["augment"])
-    if t["overfit_small"]:
-        aug_cfg["enabled"] = False
-    aug = GPUAugment.from_config(aug_cfg).to(device)
+    results["model"] = model_description(cfg, model)
+    results["num_parameters"] = results["model"]["num_parameters"]
+    aug = build_augment(cfg, plan, model).to(device)
     images, labels = batch[0].to(device), batch[1].to(device)
-    g = torch.Generator(device=device).manual_seed(int(t["seed"]))
+    g = torch.Generator(device=device).manual_seed(int(t.seed))
     logits = model(aug(images, generator=g))
     results["initial_loss"] = initial_loss(logits, labels, loss_tolerance)
     model.zero_grad(set_to_none=True)
@@ -271,9 +270,9 @@ def run_checks(cfg: Dict[str, Any], output: Union[str, Path], *, accelerator=Non
 
     if accelerator.is_main_process:
         output.mkdir(parents=True, exist_ok=True)
-        g = torch.Generator(device=device).manual_seed(int(t["seed"]) + 1)
+        g = torch.Generator(device=device).manual_seed(int(t.seed) + 1)
         save_augment_grid(batch[0][:n].to(device), aug, grid_path, nrow=nrow, generator=g)
-        from .train import environment_info
+        from .environment import environment_info
         results["environment"] = environment_info(accelerator)
         (output / "checks.json").write_text(json.dumps(_jsonable(results), indent=1))
     accelerator.wait_for_everyone()

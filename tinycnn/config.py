@@ -1,108 +1,155 @@
-"""Run configuration: YAML files, dotted `key=value` overrides, validation against the defaults.
+"""Run configuration: a typed schema, YAML files, dotted `key=value` overrides, all checked before a run starts.
 
-The defaults below are the recommended recipe for the default model; every key a config may hold is
-here, so an unknown key is an error that names the closest valid one. The course project's own
-config layout (stage_repeats, stage_channels, train.{seed, device, batch_size, epochs, max_steps,
-overfit_small, val_subset_size, optimizer.{name, lr, weight_decay, momentum}}) is a subset and loads
-unchanged.
+The dataclasses below are the schema and their defaults are the recommended recipe for the default model.
+`load_config` merges defaults < YAML file < overrides, then checks every key's type and range, so a mistyped value
+fails at once with the key, the expected type and the value given, before anything is written. An unknown key is
+an error that names the closest valid one. The course project's own config layout (stage_repeats, stage_channels,
+train.{seed, device, batch_size, epochs, max_steps, overfit_small, val_subset_size, optimizer.{name, lr,
+weight_decay, momentum}}) is a subset and loads unchanged.
 """
-import copy
+import dataclasses
 import difflib
 import re
+import typing
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Iterable, Optional, Union
+from typing import Any, Dict, Iterable, List, Literal, Optional, Union
 
 import yaml
 
-__all__ = ["DEFAULTS", "ConfigError", "load_config", "apply_overrides", "parse_value", "flatten"]
+__all__ = ["Config", "DataConfig", "AugmentConfig", "TrainConfig", "OptimizerConfig", "SchedulerConfig",
+           "LRFinderConfig", "GridConfig", "ConfigError", "load_config", "parse_value", "flatten",
+           "model_kwargs", "is_tinycnn_model", "from_dict", "check_model_name"]
 
-DEFAULTS: Dict[str, Any] = {
-    "model": "tinycnn",                 # a timm model name; stage_* below override its widths and depths
-    "stage_repeats": [2, 2, 2],
-    "stage_channels": [64, 128, 256],
-    "drop_rate": 0.0,
-    "run_name": None,                   # default: the config file's name
-    "data": {
-        "root": "shards/tiny-imagenet",  # a tinycnn-prepare output folder
-        "source": None,                 # prepare from this zip/folder/parquet folder when root does not exist
-        "download": True,               # ... or download the official zip when there is no source
-        "train_split": "train",
-        "val_split": "val",
-        "test_split": "test",
-        "num_workers": None,            # decoding processes per rank (default: the cores, up to 8)
-        "shuffle_buffer": 2048,
-        "device_resident": False,       # keep the decoded train split on the device after epoch 1
-        "skip_bad": False,
-    },
-    "augment": {                        # tinycnn.augment.GPUAugment, on the device, per sample
-        "enabled": True,
-        "crop_padding": 4,
-        "flip_p": 0.5,
-        "brightness": 0.2,
-        "contrast": 0.2,
-        "saturation": 0.2,
-        "hue": 0.05,
-    },
-    "train": {
-        "seed": 42,
-        "device": "auto",               # cpu, cuda, mps or auto
-        "batch_size": 256,              # per process
-        "epochs": 20,
-        "max_steps": None,              # stop after this many optimizer steps (overrides epochs)
-        "overfit_small": False,         # train on a small fixed train subset, no augmentation
-        "overfit_small_size": 4096,
-        "val_subset_size": None,        # evaluate on the first N val samples only
-        "label_smoothing": 0.1,
-        "grad_accum_steps": 1,
-        "grad_clip": None,
-        "mixed_precision": "auto",      # no, bf16, fp16; auto = bf16 on a GPU that has it, else no
-        "compile": False,
-        "channels_last": "auto",        # auto = on CUDA
-        "deterministic": False,
-        "log_every": 50,                # steps between train/loss points in TensorBoard
-        "eval_every": 1,                # epochs
-        "optimizer": {
-            "name": "adamw",            # sgd, adam, adamw, rmsprop
-            "lr": 0.003,
-            "weight_decay": 0.05,
-            "momentum": 0.9,            # sgd, rmsprop
-            "nesterov": True,           # sgd
-            "betas": [0.9, 0.999],      # adam, adamw
-            "fused": "auto",            # fused kernels where the device has them
-        },
-        "scheduler": {
-            "name": "cosine",           # none, cosine (linear warmup then cosine), onecycle
-            "warmup_epochs": 1.0,
-            "min_lr_ratio": 0.01,       # cosine floor as a fraction of lr
-            "pct_start": 0.25,          # onecycle
-        },
-    },
-    "lr_finder": {
-        "min_lr": 1e-6,
-        "max_lr": 1.0,
-        "num_iters": 100,
-        "smooth": 0.98,
-        "diverge_factor": 4.0,
-    },
-    "grid": {                           # grid_search.py: every combination, `epochs` each
-        "lr": [0.001, 0.002, 0.005],
-        "weight_decay": [1e-5, 1e-4],
-        "stage_channels": [[48, 96, 192], [64, 128, 256]],
-        "stage_repeats": [[1, 1, 1], [2, 2, 2], [3, 3, 3]],
-        "epochs": 3,
-    },
-}
 
 class ConfigError(ValueError):
     pass
 
+
+def _range(ge=None, gt=None, le=None, lt=None) -> Dict[str, Any]:
+    return {"ge": ge, "gt": gt, "le": le, "lt": lt}
+
+
+@dataclass
+class DataConfig:
+    root: str = "shards/tiny-imagenet"          # a tinycnn-prepare output folder, or a URL serving one
+    source: Optional[str] = None                # zip/folder/parquet folder the shards are (to be) made from
+    download: bool = True                       # the default root only: download the official zip when missing
+    train_split: str = "train"
+    val_split: str = "val"
+    num_workers: Optional[int] = field(default=None, metadata=_range(ge=0))  # per process; default: the cores
+    shuffle_buffer: int = field(default=2048, metadata=_range(ge=1))
+    device_resident: bool = False               # keep the decoded train split on the device after epoch 1
+    skip_bad: bool = False                      # skip (and count) unreadable samples instead of stopping
+
+
+@dataclass
+class AugmentConfig:                            # tinycnn.augment.GPUAugment, on the device, per sample
+    enabled: bool = True
+    crop_padding: Optional[int] = field(default=4, metadata=_range(ge=0))
+    flip_p: float = field(default=0.5, metadata=_range(ge=0, le=1))
+    brightness: float = field(default=0.2, metadata=_range(ge=0))
+    contrast: float = field(default=0.2, metadata=_range(ge=0))
+    saturation: float = field(default=0.2, metadata=_range(ge=0))
+    hue: float = field(default=0.05, metadata=_range(ge=0, le=0.5))
+
+
+@dataclass
+class OptimizerConfig:
+    name: Literal["sgd", "adam", "adamw", "rmsprop"] = "adamw"
+    lr: float = field(default=0.003, metadata=_range(gt=0))
+    weight_decay: float = field(default=0.05, metadata=_range(ge=0))  # never on norms and biases
+    momentum: float = field(default=0.9, metadata=_range(ge=0, lt=1))  # sgd, rmsprop
+    nesterov: bool = True                                             # sgd
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])  # adam, adamw
+    fused: Union[Literal["auto"], bool] = "auto"                      # fused kernels where the device has them
+
+
+@dataclass
+class SchedulerConfig:
+    name: Literal["none", "cosine", "onecycle"] = "cosine"  # cosine: linear warmup then cosine
+    warmup_epochs: float = field(default=1.0, metadata=_range(ge=0))
+    min_lr_ratio: float = field(default=0.01, metadata=_range(ge=0, le=1))  # cosine floor as a fraction of lr
+    pct_start: float = field(default=0.25, metadata=_range(gt=0, lt=1))     # onecycle
+
+
+@dataclass
+class TrainConfig:
+    seed: int = 42
+    device: str = "auto"                       # auto, cpu, cuda, cuda:N or mps
+    batch_size: int = field(default=256, metadata=_range(ge=1))   # per process
+    epochs: int = field(default=20, metadata=_range(ge=1))
+    max_steps: Optional[int] = field(default=None, metadata=_range(ge=1))  # optimizer steps; overrides epochs
+    overfit_small: bool = False                # the memorization check: a small train subset, no regularization
+    overfit_small_size: int = field(default=4096, metadata=_range(ge=1))
+    val_subset_size: Optional[int] = field(default=None, metadata=_range(ge=1))  # evaluate the first N only
+    label_smoothing: float = field(default=0.1, metadata=_range(ge=0, lt=1))
+    grad_accum_steps: int = field(default=1, metadata=_range(ge=1))
+    grad_clip: Optional[float] = field(default=None, metadata=_range(gt=0))
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"  # auto: bf16 on a GPU that has it
+    compile: bool = False
+    channels_last: Union[Literal["auto"], bool] = "auto"             # auto: on CUDA
+    deterministic: bool = False
+    log_every: int = field(default=50, metadata=_range(ge=1))        # steps between train/loss points
+    eval_every: int = field(default=1, metadata=_range(ge=1))        # epochs between evaluations
+    save_every: int = field(default=1, metadata=_range(ge=1))        # epochs between last.safetensors + state/
+    progress_seconds: float = field(default=30.0, metadata=_range(gt=0))  # a plain progress line when not a TTY
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+
+
+@dataclass
+class LRFinderConfig:
+    min_lr: float = field(default=1e-6, metadata=_range(gt=0))
+    max_lr: float = field(default=1.0, metadata=_range(gt=0))
+    num_iters: int = field(default=100, metadata=_range(ge=2))
+    smooth: float = field(default=0.98, metadata=_range(ge=0, lt=1))
+    diverge_factor: float = field(default=4.0, metadata=_range(gt=1))
+
+
+@dataclass
+class GridConfig:                              # grid_search.py: every combination, `epochs` each (one value: a list of one)
+    lr: Union[List[float], float] = field(default_factory=lambda: [0.001, 0.002, 0.005])
+    weight_decay: Union[List[float], float] = field(default_factory=lambda: [1e-5, 1e-4])
+    stage_channels: Union[List[List[int]], List[int]] = field(default_factory=lambda: [[48, 96, 192], [64, 128, 256]])
+    stage_repeats: Union[List[List[int]], List[int]] = field(default_factory=lambda: [[1, 1, 1], [2, 2, 2], [3, 3, 3]])
+    epochs: int = field(default=3, metadata=_range(ge=1))
+
+
+@dataclass
+class Config:
+    model: str = "tinycnn"                     # any timm model name; stage_* and the tinycnn variants go together
+    stage_repeats: Optional[List[int]] = None  # tinycnn models only; null: the variant's own (2, 2, 2 for tinycnn)
+    stage_channels: Optional[List[int]] = None  # tinycnn models only; null: the variant's own (64, 128, 256)
+    drop_rate: float = field(default=0.0, metadata=_range(ge=0, lt=1))
+    run_name: Optional[str] = None             # default: the config file's name
+    data: DataConfig = field(default_factory=DataConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    lr_finder: LRFinderConfig = field(default_factory=LRFinderConfig)
+    grid: GridConfig = field(default_factory=GridConfig)
+
+    def to_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def replace(self, overrides: Iterable[str]) -> "Config":
+        """A checked copy with dotted `key=value` overrides applied."""
+        data = self.to_dict()
+        _apply_overrides(data, overrides)
+        return from_dict(data)
+
+
+# ---------------------------------------------------------------------------------------------- parsing values
 
 _NUMBER = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
 
 
 def parse_value(text: str) -> Any:
     """A command-line value: YAML, with `1e-5` read as a number (YAML 1.1 reads it as a string)."""
-    value = yaml.safe_load(text)
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        value = text  # e.g. `[16,32` : kept as text, then refused by the type check with the key's name
     return _numbers(value)
 
 
@@ -117,27 +164,180 @@ def _numbers(value: Any) -> Any:
     return value
 
 
+# ---------------------------------------------------------------------------------------------- checking types
+
+def _describe(tp) -> str:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(str(a) for a in args)
+    if origin is Union:
+        inner = [a for a in args if a is not type(None)]
+        text = " or ".join(_describe(a) for a in inner)
+        return f"{text} or null" if len(inner) < len(args) else text
+    if origin in (list, List):
+        return f"a list of {_describe(args[0]).removeprefix('a ').removeprefix('an ')}s"
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(tp, str(tp))
+
+
+class _Mismatch(Exception):
+    pass
+
+
+def _coerce(tp, value: Any) -> Any:
+    """`value` as type `tp`, or _Mismatch. YAML 1.1 reads `no`/`off` as false: a choice that lists "no" takes it."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is Literal:
+        if value is False and "no" in args:
+            return "no"
+        if value in args and type(value) is type(next(a for a in args if a == value)):
+            return value
+        raise _Mismatch
+    if origin is Union:
+        if value is None and type(None) in args:
+            return None
+        for option in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(option, value)
+            except _Mismatch:
+                pass
+        raise _Mismatch
+    if origin in (list, List):
+        if not isinstance(value, (list, tuple)):
+            raise _Mismatch
+        return [_coerce(args[0], v) for v in value]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise _Mismatch
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise _Mismatch
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise _Mismatch
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise _Mismatch
+    raise TypeError(f"no rule for {tp}")
+
+
+def _check_range(key: str, value: Any, meta: Dict[str, Any]):
+    if value is None or not meta:
+        return
+    bounds = [(op, meta.get(name)) for name, op in (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<"))]
+    ok = {">=": lambda v, b: v >= b, ">": lambda v, b: v > b, "<=": lambda v, b: v <= b, "<": lambda v, b: v < b}
+    for v in value if isinstance(value, list) else [value]:
+        if not all(ok[op](v, b) for op, b in bounds if b is not None):
+            wanted = " and ".join(f"{op} {b}" for op, b in bounds if b is not None)
+            if wanted == ">= 1" and isinstance(v, int):
+                wanted = "a positive integer"
+            raise ConfigError(f"{key} must be {wanted}, got {v!r}")
+
+
 def _closest(key: str, options: Iterable[str]) -> str:
     match = difflib.get_close_matches(key, list(options), n=1, cutoff=0.5)
     return f" (did you mean {match[0]!r}?)" if match else f" (valid keys: {', '.join(sorted(options))})"
 
 
-def _merge(base: Dict[str, Any], update: Dict[str, Any], where: str = "") -> Dict[str, Any]:
+def _build(cls, data: Dict[str, Any], where: str = ""):
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in data:
+        if key not in names:
+            raise ConfigError(f"unknown config key {where + key!r}{_closest(key, names)}")
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in data:
+            continue
+        key, value, tp = where + f.name, data[f.name], hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            if not isinstance(value, dict):
+                raise ConfigError(f"config key {key!r} holds a section, got {value!r}")
+            kwargs[f.name] = _build(tp, value, key + ".")
+            continue
+        try:
+            kwargs[f.name] = _coerce(tp, value)
+        except _Mismatch:
+            raise ConfigError(f"{key} must be {_describe(tp)}, got {value!r}") from None
+        _check_range(key, kwargs[f.name], f.metadata)
+    return cls(**kwargs)
+
+
+def from_dict(data: Dict[str, Any]) -> Config:
+    """A checked Config from nested dicts (missing keys take their defaults)."""
+    cfg = _build(Config, data)
+    _check(cfg)
+    return cfg
+
+
+def _check(cfg: Config):
+    """What a single key's type cannot say."""
+    t = cfg.train
+    stages = [len(v) for v in (cfg.stage_channels, cfg.stage_repeats) if v is not None]
+    if len(set(stages + [3] * (len(stages) == 1))) > 1:  # one given: every tinycnn variant has 3 stages
+        raise ConfigError(f"stage_channels {cfg.stage_channels} and stage_repeats {cfg.stage_repeats} "
+                          "need one entry per stage")
+    for key in ("stage_channels", "stage_repeats"):
+        values = getattr(cfg, key)
+        if values is not None and (not values or min(values) < 1):
+            raise ConfigError(f"{key} must be a non-empty list of positive integers, got {values!r}")
+    if t.device not in ("auto", "cpu", "cuda", "mps") and not re.fullmatch(r"cuda:\d+", t.device):
+        raise ConfigError(f"train.device must be one of auto, cpu, cuda, cuda:N, mps, got {t.device!r}")
+    if len(t.optimizer.betas) != 2 or not all(0 <= b < 1 for b in t.optimizer.betas):
+        raise ConfigError(f"train.optimizer.betas must be two numbers in [0, 1), got {t.optimizer.betas!r}")
+    if cfg.lr_finder.min_lr >= cfg.lr_finder.max_lr:
+        raise ConfigError(f"lr_finder needs min_lr < max_lr, got lr_finder.min_lr={cfg.lr_finder.min_lr}, "
+                          f"lr_finder.max_lr={cfg.lr_finder.max_lr}")
+    if not cfg.model or not isinstance(cfg.model, str):
+        raise ConfigError(f"model must be a timm model name, got {cfg.model!r}")
+
+
+def is_tinycnn_model(name: str) -> bool:
+    return name == "tinycnn" or name.startswith("tinycnn_")
+
+
+def check_model_name(name: str):
+    """An unknown model is an error listing close matches among timm's models (tinycnn's registered by import)."""
+    import timm
+
+    import tinycnn  # noqa: F401  (registers the tinycnn models)
+
+    if name.startswith(("hf-hub:", "local-dir:")) or name in timm.list_models():
+        return
+    close = difflib.get_close_matches(name, timm.list_models(), n=5, cutoff=0.6)
+    hint = f"; close matches: {', '.join(close)}" if close else "; `python -c \"import timm; print(timm.list_models('*net*'))\"` lists them"
+    raise ConfigError(f"model {name!r} is not a timm model{hint}")
+
+
+def model_kwargs(cfg: Config) -> Dict[str, Any]:
+    """timm.create_model keyword arguments: the tinycnn widths and depths go to tinycnn models only."""
+    kwargs: Dict[str, Any] = {"drop_rate": cfg.drop_rate}
+    if is_tinycnn_model(cfg.model):
+        if cfg.stage_channels is not None:
+            kwargs["stage_channels"] = list(cfg.stage_channels)
+        if cfg.stage_repeats is not None:
+            kwargs["stage_repeats"] = list(cfg.stage_repeats)
+    return kwargs
+
+
+# ---------------------------------------------------------------------------------------------- loading
+
+def _merge(base: Dict[str, Any], update: Dict[str, Any], where: str = ""):
     for key, value in update.items():
-        path = f"{where}{key}"
         if key not in base:
-            raise ConfigError(f"unknown config key {path!r}{_closest(key, base)}")
+            raise ConfigError(f"unknown config key {where + key!r}{_closest(key, base)}")
         if isinstance(base[key], dict):
             if not isinstance(value, dict):
-                raise ConfigError(f"config key {path!r} holds a section, got {value!r}")
-            _merge(base[key], value, f"{path}.")
+                raise ConfigError(f"config key {where + key!r} holds a section, got {value!r}")
+            _merge(base[key], value, f"{where}{key}.")
         else:
             base[key] = value
-    return base
 
 
-def apply_overrides(cfg: Dict[str, Any], overrides: Iterable[str]) -> Dict[str, Any]:
-    """Apply `a.b.c=value` strings (values parsed as YAML: `stage_channels=[16,32,64]`)."""
+def _apply_overrides(data: Dict[str, Any], overrides: Iterable[str]):
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not key=value (e.g. train.epochs=5)")
@@ -149,55 +349,46 @@ def apply_overrides(cfg: Dict[str, Any], overrides: Iterable[str]) -> Dict[str, 
             node[part] = {}
             node = node[part]
         node[parts[-1]] = parse_value(text)
-        _merge(cfg, nested)
-    return cfg
+        _merge(data, nested)
 
 
-def load_config(path: Optional[Union[str, Path]] = None, overrides: Iterable[str] = ()) -> Dict[str, Any]:
-    """DEFAULTS, updated by the YAML file at `path`, then by `overrides`."""
-    cfg = copy.deepcopy(DEFAULTS)
+def read_yaml(path: Union[str, Path]) -> Dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} not found (see recipes/configs/ for examples)")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a config file holds a mapping of keys, got {type(data).__name__}")
+    return _numbers(data)
+
+
+def load_config(path: Optional[Union[str, Path]] = None, overrides: Iterable[str] = (),
+                check_model: bool = True) -> Config:
+    """Defaults, updated by the YAML file at `path`, then by `overrides`; every key checked."""
+    data = Config().to_dict()
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} not found (see recipes/configs/ for examples)")
-        with open(path) as f:
-            data = yaml.safe_load(f) or {}
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: a config file holds a mapping of keys, got {type(data).__name__}")
         try:
-            _merge(cfg, _numbers(data))
+            _merge(data, read_yaml(path))
         except ConfigError as e:
-            raise ConfigError(f"{path}: {e}") from None
-        if cfg["run_name"] is None:
-            cfg["run_name"] = path.stem
-    apply_overrides(cfg, overrides)
-    _check(cfg)
+            raise ConfigError(f"{path}: {e}" if str(path) not in str(e) else str(e)) from None
+        if data["run_name"] is None:
+            data["run_name"] = Path(path).stem
+    _apply_overrides(data, overrides)
+    if data["run_name"] is None:
+        data["run_name"] = "default"
+    cfg = from_dict(data)
+    if check_model:
+        check_model_name(cfg.model)
     return cfg
 
 
-def _check(cfg: Dict[str, Any]):
-    t = cfg["train"]
-    if len(cfg["stage_channels"]) != len(cfg["stage_repeats"]):
-        raise ConfigError(f"stage_channels {cfg['stage_channels']} and stage_repeats {cfg['stage_repeats']} "
-                          "need one entry per stage")
-    choices = {
-        "train.device": (t["device"], ("auto", "cpu", "cuda", "mps")),
-        "train.optimizer.name": (t["optimizer"]["name"], ("sgd", "adam", "adamw", "rmsprop")),
-        "train.scheduler.name": (str(t["scheduler"]["name"]).lower(), ("none", "cosine", "onecycle")),
-        "train.mixed_precision": (t["mixed_precision"], ("auto", "no", "bf16", "fp16")),
-    }
-    for key, (value, allowed) in choices.items():
-        if value not in allowed and not (key == "train.device" and str(value).startswith(("cuda:", "mps"))):
-            raise ConfigError(f"{key} must be one of {', '.join(allowed)}, got {value!r}")
-    for key in ("batch_size", "epochs", "grad_accum_steps"):
-        if not isinstance(t[key], int) or t[key] < 1:
-            raise ConfigError(f"train.{key} must be a positive integer, got {t[key]!r}")
-    if not isinstance(t["optimizer"]["lr"], (int, float)) or t["optimizer"]["lr"] <= 0:
-        raise ConfigError(f"train.optimizer.lr must be a positive number, got {t['optimizer']['lr']!r}")
-
-
-def flatten(cfg: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
-    """{'train': {'lr': 1}} -> {'train.lr': 1} (for TensorBoard hparams and reports)."""
+def flatten(cfg: Union[Config, Dict[str, Any]], prefix: str = "") -> Dict[str, Any]:
+    """{'train': {'lr': 1}} -> {'train.lr': 1} (for TensorBoard hparams, reports, comparing configs)."""
+    if dataclasses.is_dataclass(cfg):
+        cfg = cfg.to_dict()
     out = {}
     for k, v in cfg.items():
         if isinstance(v, dict):

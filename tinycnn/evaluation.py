@@ -1,15 +1,61 @@
-"""Evaluate a saved checkpoint on a split of prepared shards (used by recipes/evaluate.py and the report)."""
+"""Evaluation: a model on an exactly-once loader (`evaluate`, used after each training epoch), and a saved
+checkpoint on a split of prepared shards (`evaluate_checkpoint`, used by recipes/evaluate.py and the report)."""
+import math
 from pathlib import Path
 from typing import Any, Dict, Optional, Union
 
+import torch
+import torch.nn.functional as F
 from accelerate import Accelerator
+from timm.utils import unwrap_model
 
-from .augment import EvalTransform
-from .data import build_loader, read_manifest
-from .train import evaluate
+from .augment import EvalTransform, eval_transform
+from .data import DevicePrefetcher, build_loader, read_manifest
 from .weights import WeightsError, load_model, read_metadata
 
-__all__ = ["evaluate_checkpoint"]
+__all__ = ["evaluate", "evaluate_checkpoint"]
+
+
+@torch.no_grad()
+def evaluate(model, loader, accelerator: Accelerator, num_classes: int, transform=eval_transform) -> Dict[str, Any]:
+    """Top-1, top-5, mean loss and per-class accuracy over every sample of `loader`, summed over all processes.
+
+    `loader` must be exactly-once (build_loader(train=False)): each rank reads its own part, the sums are
+    all-reduced, so N processes give the numbers of one (no padding duplicates as with gather_for_metrics).
+    """
+    model = unwrap_model(model)
+    was_training = model.training
+    model.eval()
+    device = accelerator.device
+    acc_dtype = torch.float32 if device.type == "mps" else torch.float64  # MPS has no float64
+    loss_sum = torch.zeros((), dtype=acc_dtype, device=device)
+    correct = torch.zeros(num_classes, dtype=acc_dtype, device=device)
+    top5 = torch.zeros((), dtype=acc_dtype, device=device)
+    count = torch.zeros(num_classes, dtype=acc_dtype, device=device)
+    for images, labels in DevicePrefetcher(loader, device):
+        with accelerator.autocast():
+            logits = model(transform(images))
+        logits = logits.float()
+        loss_sum += F.cross_entropy(logits, labels, reduction="sum").to(acc_dtype)
+        k = min(5, num_classes)
+        topk = logits.topk(k, dim=1).indices
+        hit1 = (topk[:, 0] == labels).to(acc_dtype)
+        correct.index_add_(0, labels, hit1)
+        top5 += (topk == labels[:, None]).any(dim=1).to(acc_dtype).sum()
+        count.index_add_(0, labels, torch.ones_like(hit1))
+    stats = accelerator.reduce(torch.cat([loss_sum[None], top5[None], correct, count]), reduction="sum")
+    loss_sum, top5, correct, count = stats[0], stats[1], stats[2:2 + num_classes], stats[2 + num_classes:]
+    n = count.sum().item()
+    model.train(was_training)
+    per_class = torch.where(count > 0, correct / count.clamp(min=1), torch.full_like(count, float("nan")))
+    return {
+        "accuracy": correct.sum().item() / max(n, 1),
+        "top5": top5.item() / max(n, 1),
+        "loss": loss_sum.item() / max(n, 1),
+        "num_samples": int(n),
+        "per_class_accuracy": [None if math.isnan(v) else v for v in per_class.tolist()],
+    }
+
 
 
 def evaluate_checkpoint(checkpoint: Union[str, Path], data: Union[str, Path], split: str, *,

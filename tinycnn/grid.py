@@ -1,6 +1,6 @@
 """Grid search (step 4 of the course project's workflow): `run_grid(cfg, output)`.
 
-Every combination of cfg['grid'] (lr x weight_decay x stage_channels x stage_repeats, in that product
+Every combination of cfg.grid (lr x weight_decay x stage_channels x stage_repeats, in that product
 order, the last varying fastest) is one `tinycnn.train.train` run of grid.epochs epochs with the same
 seed, in OUTPUT/<name>, named like ``gs_007_lr=0.002_wd=1e-4_ch=64-128-256_rep=2-2-2`` (the 3-digit
 index in product order). Runs go one after another on one device; a run whose metrics.jsonl already
@@ -11,12 +11,15 @@ the grid goes on.
 After each run the table of results, sorted by best val accuracy, is written as OUTPUT/results.md,
 OUTPUT/results.csv and OUTPUT/results.json, and each run's hparams and final metrics go to
 OUTPUT/<name>/tb/hparams for TensorBoard's HParams view (`tensorboard --logdir OUTPUT`).
+`load_results(OUTPUT)` reads a grid's results back (the tables, else the run folders); a run's settings
+come from its config.yaml, never from its name.
 
 Spreading: `part=(i, n)` runs the slice plan[i::n] (tables OUTPUT/results-part-<i>-of-<n>.*);
 `launch_parts` starts one such process per GPU and `collect_results` merges every run's folder into
 the full table.
 """
 import csv
+import dataclasses
 import io
 import itertools
 import json
@@ -32,13 +35,14 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import yaml
 
-from .config import flatten
+from .config import Config, flatten, from_dict
 from .data import read_manifest
+from .formatting import count, dashed, number, percent
 
-__all__ = ["GridRun", "format_lr", "format_wd", "run_name", "grid_plan", "run_config", "parse_part", "select_part",
-           "expected_steps", "read_metrics", "run_status", "run_result", "sort_results", "results_markdown",
-           "write_results", "write_hparams", "run_grid", "collect_results", "child_argv", "launch_parts",
-           "print_results", "RESULT_COLUMNS"]
+__all__ = ["GridRun", "format_lr", "format_wd", "format_value", "short_name", "run_name", "is_run_folder", "grid_plan",
+           "run_config", "parse_part", "select_part", "expected_steps", "read_metrics", "best_record", "run_status",
+           "run_result", "sort_results", "results_markdown", "write_results", "load_results", "write_hparams",
+           "run_grid", "collect_results", "child_argv", "launch_parts", "print_results", "RESULT_COLUMNS"]
 
 RESULT_COLUMNS = ["rank", "index", "name", "lr", "weight_decay", "stage_channels", "stage_repeats", "num_parameters",
                   "val_accuracy", "val_loss", "best_epoch", "epochs", "final_train_loss", "status"]
@@ -73,15 +77,22 @@ def format_wd(x: float) -> str:
     return dec if len(dec) <= len(exp) and float(dec) == x else exp
 
 
-def _dashed(values: Sequence[int]) -> str:
-    return "-".join(str(int(v)) for v in values)
+def short_name(index: int) -> str:
+    """gs_<3-digit index>: the start of a run's name, enough to tell runs apart where the settings are shown."""
+    return f"gs_{index:03d}"
 
 
 def run_name(index: int, lr: float, weight_decay: float, stage_channels: Sequence[int],
              stage_repeats: Sequence[int]) -> str:
-    """gs_<3-digit index>_lr=<lr>_wd=<wd>_ch=<c1-c2-..>_rep=<r1-r2-..>"""
-    return (f"gs_{index:03d}_lr={format_lr(lr)}_wd={format_wd(weight_decay)}"
-            f"_ch={_dashed(stage_channels)}_rep={_dashed(stage_repeats)}")
+    """gs_<3-digit index>_lr=<lr>_wd=<wd>_ch=<c1-c2-..>_rep=<r1-r2-..>: written, never parsed back."""
+    return (f"{short_name(index)}_lr={format_lr(lr)}_wd={format_wd(weight_decay)}"
+            f"_ch={dashed(stage_channels)}_rep={dashed(stage_repeats)}")
+
+
+def is_run_folder(path: Union[str, Path]) -> bool:
+    """A grid run's folder: named gs_..., holding the run's metrics.jsonl."""
+    path = Path(path)
+    return path.name.startswith("gs_") and (path / "metrics.jsonl").is_file()
 
 
 @dataclass(frozen=True)
@@ -111,9 +122,9 @@ def _options(grid: Dict[str, Any], key: str, nested: bool) -> List[Any]:
     return [tuple(int(c) for c in v) for v in value] if nested else [float(v) for v in value]
 
 
-def grid_plan(cfg: Dict[str, Any]) -> List[GridRun]:
-    """Every combination of cfg['grid'], in product order (lr, weight_decay, stage_channels, stage_repeats)."""
-    g = cfg["grid"]
+def grid_plan(cfg: Config) -> List[GridRun]:
+    """Every combination of cfg.grid, in product order (lr, weight_decay, stage_channels, stage_repeats)."""
+    g = dataclasses.asdict(cfg.grid)
     epochs = g.get("epochs")
     if not isinstance(epochs, int) or epochs < 1:
         raise ValueError(f"grid.epochs must be a positive integer, got {epochs!r}")
@@ -126,22 +137,15 @@ def grid_plan(cfg: Dict[str, Any]) -> List[GridRun]:
                              "numbers of stages; every combination needs one repeat per stage")
         plan.append(GridRun(i, run_name(i, lr, wd, ch, rep), lr, wd, ch, rep))
     if len({r.name for r in plan}) != len(plan):
-        raise ValueError("grid: two combinations get the same run name (duplicate values in cfg['grid']?)")
+        raise ValueError("grid: two combinations get the same run name (duplicate values in grid.*?)")
     return plan
 
 
-def run_config(cfg: Dict[str, Any], run: GridRun) -> Dict[str, Any]:
+def run_config(cfg: Config, run: GridRun) -> Config:
     """cfg with the run's lr, weight decay, widths and depths, grid.epochs epochs, and its name."""
-    import copy
-
-    c = copy.deepcopy(cfg)
-    c["train"]["optimizer"]["lr"] = run.lr
-    c["train"]["optimizer"]["weight_decay"] = run.weight_decay
-    c["stage_channels"] = list(run.stage_channels)
-    c["stage_repeats"] = list(run.stage_repeats)
-    c["train"]["epochs"] = cfg["grid"]["epochs"]
-    c["run_name"] = run.name
-    return c
+    return cfg.replace([f"train.optimizer.lr={run.lr!r}", f"train.optimizer.weight_decay={run.weight_decay!r}",
+                        f"stage_channels={list(run.stage_channels)}", f"stage_repeats={list(run.stage_repeats)}",
+                        f"train.epochs={cfg.grid.epochs}", f"run_name={run.name}"])
 
 
 def parse_part(text: str) -> Tuple[int, int]:
@@ -165,17 +169,17 @@ def select_part(plan: Sequence[GridRun], part: Optional[Tuple[int, int]]) -> Lis
 
 # ----------------------------------------------------------------------------- run state and results
 
-def expected_steps(run_cfg: Dict[str, Any], manifest: Dict[str, Any], world_size: int = 1) -> Tuple[int, int]:
+def expected_steps(run_cfg: Config, manifest: Dict[str, Any], world_size: int = 1) -> Tuple[int, int]:
     """(epochs, optimizer steps) that train() runs for run_cfg (the same arithmetic as train())."""
-    t = run_cfg["train"]
-    n = manifest["splits"][run_cfg["data"]["train_split"]]["num_samples"]
-    if t["overfit_small"]:
-        n = min(n, t["overfit_small_size"])
-    steps_per_epoch = n // (t["batch_size"] * world_size) // t["grad_accum_steps"]
+    t = run_cfg.train
+    n = manifest["splits"][run_cfg.data.train_split]["num_samples"]
+    if t.overfit_small:
+        n = min(n, t.overfit_small_size)
+    steps_per_epoch = n // (t.batch_size * world_size) // t.grad_accum_steps
     if steps_per_epoch < 1:
-        raise ValueError(f"{n} training samples make no optimizer step of batch {t['batch_size']} x "
-                         f"{world_size} processes x {t['grad_accum_steps']} accumulation steps")
-    total = t["max_steps"] or steps_per_epoch * t["epochs"]
+        raise ValueError(f"{n} training samples make no optimizer step of batch {t.batch_size} x "
+                         f"{world_size} processes x {t.grad_accum_steps} accumulation steps")
+    total = t.max_steps or steps_per_epoch * t.epochs
     return math.ceil(total / steps_per_epoch), total
 
 
@@ -195,14 +199,20 @@ def read_metrics(run_dir: Union[str, Path]) -> List[Dict[str, Any]]:
     return [by_epoch[e] for e in sorted(by_epoch)]
 
 
-def _comparable(cfg: Dict[str, Any]) -> Dict[str, Any]:
+def best_record(records: Sequence[Dict[str, Any]]) -> Optional[Dict[str, Any]]:
+    """The epoch record with the best val accuracy (the first of equals), None when no epoch was evaluated."""
+    evals = [r for r in records if r.get("val/accuracy") is not None]
+    return max(evals, key=lambda r: r["val/accuracy"]) if evals else None
+
+
+def _comparable(cfg: Union[Config, Dict[str, Any]]) -> Dict[str, Any]:
     flat = flatten(cfg)
     out = {k: v for k, v in flat.items() if k not in _IGNORED_KEYS and not k.startswith(_IGNORED_SECTIONS)}
     out["data.root"] = str(Path(str(flat.get("data.root"))).resolve())
     return out
 
 
-def _same_config(run_dir: Path, run_cfg: Dict[str, Any]) -> bool:
+def _same_config(run_dir: Path, run_cfg: Config) -> bool:
     try:
         saved = yaml.safe_load((run_dir / "config.yaml").read_text())
     except (OSError, yaml.YAMLError):
@@ -210,7 +220,7 @@ def _same_config(run_dir: Path, run_cfg: Dict[str, Any]) -> bool:
     return isinstance(saved, dict) and _comparable(saved) == _comparable(run_cfg)
 
 
-def run_status(run_dir: Union[str, Path], run_cfg: Dict[str, Any], manifest: Dict[str, Any],
+def run_status(run_dir: Union[str, Path], run_cfg: Config, manifest: Dict[str, Any],
                world_size: int = 1) -> str:
     """'finished' (metrics.jsonl holds every epoch), 'diverged' (a NaN loss stopped it), 'partial'
     (resumable state saved), 'changed' (its folder holds another config) or 'new'."""
@@ -235,8 +245,7 @@ def run_result(run: GridRun, run_dir: Union[str, Path], status: str, num_paramet
                error: Optional[str] = None) -> Dict[str, Any]:
     """One row of the table: the run's settings and its best val accuracy (with that epoch's val loss)."""
     records = read_metrics(run_dir)
-    evals = [r for r in records if r.get("val/accuracy") is not None]
-    best = max(evals, key=lambda r: r["val/accuracy"]) if evals else None  # the first of equals
+    best = best_record(records)
     if error is None and status == "diverged":
         try:
             error = json.loads((Path(run_dir) / "grid_failed.json").read_text()).get("error")
@@ -269,7 +278,9 @@ def sort_results(results: Sequence[Dict[str, Any]]) -> List[Dict[str, Any]]:
     return out
 
 
-def _cell(key: str, value: Any) -> str:
+def format_value(key: str, value: Any) -> str:
+    """A value of a result row as tables show it: lr and weight decay as in run names, widths and depths
+    dashed, accuracy in percent, losses to 4 decimals, parameters with thousands separators."""
     if value is None:
         return "-"
     if key == "lr":
@@ -277,13 +288,13 @@ def _cell(key: str, value: Any) -> str:
     if key == "weight_decay":
         return format_wd(value)
     if key in ("stage_channels", "stage_repeats"):
-        return _dashed(value)
-    if key == "val_accuracy":
-        return f"{value:.2%}"
+        return dashed(value)
+    if key in ("val_accuracy", "val_top5"):
+        return percent(value)
     if key in ("val_loss", "final_train_loss"):
-        return f"{value:.4f}"
+        return number(value)
     if key == "num_parameters":
-        return f"{value:,}"
+        return count(value)
     return str(value)
 
 
@@ -300,7 +311,7 @@ def results_markdown(results: Sequence[Dict[str, Any]], title: Optional[str] = N
     lines.append("| " + " | ".join(h for _, h in _MD_COLUMNS) + " |")
     lines.append("|" + "|".join("---:" if k in right else "---" for k, _ in _MD_COLUMNS) + "|")
     for r in results:
-        lines.append("| " + " | ".join(_cell(k, r.get(k)).replace("|", "\\|") for k, _ in _MD_COLUMNS) + " |")
+        lines.append("| " + " | ".join(format_value(k, r.get(k)).replace("|", "\\|") for k, _ in _MD_COLUMNS) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -321,13 +332,66 @@ def write_results(results: Sequence[Dict[str, Any]], output: Union[str, Path], s
     w = csv.writer(buf)
     w.writerow(RESULT_COLUMNS)
     for r in rows:
-        w.writerow(["" if r.get(k) is None else _dashed(r[k]) if k in ("stage_channels", "stage_repeats") else r[k]
+        w.writerow(["" if r.get(k) is None else dashed(r[k]) if k in ("stage_channels", "stage_repeats") else r[k]
                     for k in RESULT_COLUMNS])
     paths["csv"].write_text(buf.getvalue())
     paths["json"].write_text(json.dumps({**meta, "num_runs": len(rows), "results": rows,
                                          "best": rows[0] if rows and rows[0]["val_accuracy"] is not None else None},
                                         indent=1))
     return paths
+
+
+def load_results(output: Union[str, Path]) -> Dict[str, Any]:
+    """The results of the grid search in OUTPUT, as it left them: results.json, else the parts' tables
+    (results-part-*.json) merged, else results.csv, else each gs_* run folder read with `run_result`.
+
+    Returns results.json's fields (title, grid, base, runs_planned, ... when recorded) with `results`:
+    the rows sorted by best val accuracy, and `source`: the files they were read from."""
+    output = Path(output)
+    if (output / "results.json").is_file():
+        data = json.loads((output / "results.json").read_text())
+        return {**data, "results": sort_results(data.get("results") or []), "source": "results.json"}
+    parts = sorted(output.glob("results-part-*.json"))
+    if parts:
+        tables = [json.loads(p.read_text()) for p in parts]
+        rows = [r for t in tables for r in t.get("results") or []]
+        return {**tables[0], "results": sort_results(rows), "source": ", ".join(p.name for p in parts)}
+    if (output / "results.csv").is_file():
+        return {"results": sort_results(_read_csv(output / "results.csv")), "source": "results.csv"}
+    return {"results": sort_results(_results_from_folders(output)), "source": "the gs_* run folders"}
+
+
+def _read_csv(path: Path) -> List[Dict[str, Any]]:
+    def num(text: str, kind=float):
+        return kind(text) if text not in (None, "") else None
+
+    rows = []
+    with open(path, newline="") as f:
+        for r in csv.DictReader(f):
+            rows.append({"index": int(r["index"]), "name": r["name"], "lr": float(r["lr"]),
+                         "weight_decay": float(r["weight_decay"]),
+                         "stage_channels": [int(v) for v in r["stage_channels"].split("-")],
+                         "stage_repeats": [int(v) for v in r["stage_repeats"].split("-")],
+                         "num_parameters": num(r.get("num_parameters"), int),
+                         "val_accuracy": num(r.get("val_accuracy")), "val_loss": num(r.get("val_loss")),
+                         "best_epoch": num(r.get("best_epoch"), int), "epochs": num(r.get("epochs"), int),
+                         "final_train_loss": num(r.get("final_train_loss")), "status": r.get("status") or None})
+    return rows
+
+
+def _results_from_folders(output: Path) -> List[Dict[str, Any]]:
+    """A row for every gs_* folder whose config.yaml places it in its grid (the plan of the grid it records)."""
+    rows = []
+    for run_dir in sorted(p for p in output.iterdir() if is_run_folder(p)):
+        try:
+            saved = from_dict(yaml.safe_load((run_dir / "config.yaml").read_text()))
+            run = next(r for r in grid_plan(saved) if r.name == run_dir.name)
+        except (OSError, yaml.YAMLError, KeyError, TypeError, ValueError, StopIteration):
+            continue  # not a run of a grid (or one renamed): nothing says what it tried
+        diverged = (run_dir / "grid_failed.json").is_file()
+        status = "diverged" if diverged else "finished" if best_record(read_metrics(run_dir)) else "incomplete"
+        rows.append(run_result(run, run_dir, status))
+    return rows
 
 
 def write_hparams(result: Dict[str, Any], run_dir: Union[str, Path], domains: Optional[Dict[str, list]] = None,
@@ -344,7 +408,7 @@ def write_hparams(result: Dict[str, Any], run_dir: Union[str, Path], domains: Op
     except ImportError:
         return None
     hp = {"lr": float(result["lr"]), "weight_decay": float(result["weight_decay"]),
-          "stage_channels": _dashed(result["stage_channels"]), "stage_repeats": _dashed(result["stage_repeats"])}
+          "stage_channels": dashed(result["stage_channels"]), "stage_repeats": dashed(result["stage_repeats"])}
     if epochs is not None:
         hp["epochs"] = int(epochs)
     metrics = {"hparam/val_accuracy": float(result["val_accuracy"])}
@@ -368,20 +432,19 @@ def _domains(plan: Sequence[GridRun]) -> Dict[str, list]:
     def uniq(values):
         return sorted(set(values), key=lambda v: (str(type(v)), v))
     return {"lr": uniq(r.lr for r in plan), "weight_decay": uniq(r.weight_decay for r in plan),
-            "stage_channels": uniq(_dashed(r.stage_channels) for r in plan),
-            "stage_repeats": uniq(_dashed(r.stage_repeats) for r in plan)}
+            "stage_channels": uniq(dashed(r.stage_channels) for r in plan),
+            "stage_repeats": uniq(dashed(r.stage_repeats) for r in plan)}
 
 
 _PARAMS_CACHE: Dict[Tuple[Any, ...], Optional[int]] = {}
 
 
-def _num_parameters(cfg: Dict[str, Any], run: GridRun, num_classes: int) -> Optional[int]:
-    from .train import build_model
-    key = (cfg["model"], run.stage_channels, run.stage_repeats, num_classes)
+def _num_parameters(cfg: Config, run: GridRun, num_classes: int) -> Optional[int]:
+    from .plan import build_model
+    key = (cfg.model, run.stage_channels, run.stage_repeats, num_classes)
     if key not in _PARAMS_CACHE:
         try:
-            model = build_model({**cfg, "stage_channels": list(run.stage_channels),
-                                 "stage_repeats": list(run.stage_repeats)}, num_classes)
+            model = build_model(run_config(cfg, run), num_classes)
             _PARAMS_CACHE[key] = sum(p.numel() for p in model.parameters())
         except Exception:  # noqa: BLE001 - the table can do without it
             _PARAMS_CACHE[key] = None
@@ -390,22 +453,22 @@ def _num_parameters(cfg: Dict[str, Any], run: GridRun, num_classes: int) -> Opti
 
 # ----------------------------------------------------------------------------- running
 
-def _meta(cfg: Dict[str, Any], plan: Sequence[GridRun], part: Optional[Tuple[int, int]]) -> Dict[str, Any]:
+def _meta(cfg: Config, plan: Sequence[GridRun], part: Optional[Tuple[int, int]]) -> Dict[str, Any]:
     title = "Grid search" + (f" (part {part[0]} of {part[1]})" if part else "")
-    t = cfg["train"]
-    return {"title": title, "grid": cfg["grid"], "part": list(part) if part else None,
-            "base": {"model": cfg["model"], "optimizer": t["optimizer"]["name"], "batch_size": t["batch_size"],
-                     "epochs": cfg["grid"]["epochs"], "max_steps": t["max_steps"], "seed": t["seed"],
-                     "scheduler": t["scheduler"]["name"], "data": cfg["data"]["root"]},
+    t = cfg.train
+    return {"title": title, "grid": dataclasses.asdict(cfg.grid), "part": list(part) if part else None,
+            "base": {"model": cfg.model, "optimizer": t.optimizer.name, "batch_size": t.batch_size,
+                     "epochs": cfg.grid.epochs, "max_steps": t.max_steps, "seed": t.seed,
+                     "scheduler": t.scheduler.name, "data": cfg.data.root},
             "runs_planned": len(plan)}
 
 
-def collect_results(cfg: Dict[str, Any], output: Union[str, Path], plan: Optional[Sequence[GridRun]] = None,
+def collect_results(cfg: Config, output: Union[str, Path], plan: Optional[Sequence[GridRun]] = None,
                     world_size: int = 1) -> List[Dict[str, Any]]:
     """Results of `plan` (default: the whole grid) read from their folders in OUTPUT (the merge of parts)."""
     output = Path(output)
     plan = grid_plan(cfg) if plan is None else plan
-    manifest = read_manifest(cfg["data"]["root"])
+    manifest = read_manifest(cfg.data.root)
     results = []
     for run in plan:
         run_cfg = run_config(cfg, run)
@@ -416,13 +479,18 @@ def collect_results(cfg: Dict[str, Any], output: Union[str, Path], plan: Optiona
     return sort_results(results)
 
 
-def run_grid(cfg: Dict[str, Any], output: Union[str, Path], *, part: Optional[Tuple[int, int]] = None,
-             progress: bool = True, console=None,
+def run_grid(cfg: Config, output: Union[str, Path], *, part: Optional[Tuple[int, int]] = None,
+             progress: bool = True, console=None, overwrite: bool = False,
              make_accelerator: Optional[Callable[..., Any]] = None) -> List[Dict[str, Any]]:
     """Train every run of the grid (or of `part`) one after another into OUTPUT/<name>; returns the sorted
-    results of those runs and writes the tables (OUTPUT/results.* or OUTPUT/results-part-<i>-of-<n>.*)."""
+    results of those runs and writes the tables (OUTPUT/results.* or OUTPUT/results-part-<i>-of-<n>.*).
+
+    Re-running continues the grid: finished runs are skipped, stopped ones resumed. A run folder that holds
+    a run with another config is an error before anything trains (overwrite=True trains it again). Each run
+    folder is locked while it trains (tinycnn.runs), so two processes never train the same run."""
+    from .device import make_accelerator as default_make_accelerator
+    from .runs import RunFolderError, RunLock
     from .train import TrainingStopped, train
-    from .train import make_accelerator as default_make_accelerator
 
     make_accelerator = make_accelerator or default_make_accelerator
     output = Path(output)
@@ -430,7 +498,7 @@ def run_grid(cfg: Dict[str, Any], output: Union[str, Path], *, part: Optional[Tu
     mine = select_part(plan, part)
     base = make_accelerator(cfg, log=False)
     world, main = base.num_processes, base.is_main_process
-    manifest = read_manifest(cfg["data"]["root"])
+    manifest = read_manifest(cfg.data.root)
     num_classes = manifest["num_classes"]
     domains = _domains(plan)
     stem = f"results-part-{part[0]}-of-{part[1]}" if part else "results"
@@ -444,7 +512,11 @@ def run_grid(cfg: Dict[str, Any], output: Union[str, Path], *, part: Optional[Tu
             console.print(msg, soft_wrap=True, markup=False, highlight=False)
     if main:
         output.mkdir(parents=True, exist_ok=True)
-    say(f"grid search: {len(plan)} runs of {cfg['grid']['epochs']} epochs"
+    changed = [r.name for r in mine if run_status(output / r.name, run_config(cfg, r), manifest, world) == "changed"]
+    if changed and not overwrite:
+        raise RunFolderError(f"{output / changed[0]} holds a run with another config ({len(changed)} such run "
+                             "folders): choose another --output, or pass --overwrite to train them again")
+    say(f"grid search: {len(plan)} runs of {cfg.grid.epochs} epochs"
         + (f", part {part[0]}/{part[1]}: {len(mine)} of them" if part else "") + f", into {output}")
 
     results: List[Dict[str, Any]] = []
@@ -458,11 +530,14 @@ def run_grid(cfg: Dict[str, Any], output: Union[str, Path], *, part: Optional[Tu
             results.append(run_result(run, run_dir, status, params))
             continue
         if status == "changed":
-            say(f"[{k}/{len(mine)}] {run.name}: its folder holds another config, training it again")
+            say(f"[{k}/{len(mine)}] {run.name}: its folder holds another config, training it again (--overwrite)")
         else:
             say(f"[{k}/{len(mine)}] {run.name}" + (" (resuming)" if status == "partial" else ""))
-        if main:
-            (run_dir / "grid_failed.json").unlink(missing_ok=True)
+        lock = RunLock(run_dir).acquire() if main else None
+        if main and status in ("new", "changed"):  # a fresh start: nothing of an earlier attempt stays to mix in
+            for p in run_dir.iterdir():
+                if p.name != ".lock":
+                    shutil.rmtree(p) if p.is_dir() else p.unlink()
         accelerator = make_accelerator(run_cfg, run_dir)
         error = None
         try:
@@ -479,10 +554,12 @@ def run_grid(cfg: Dict[str, Any], output: Union[str, Path], *, part: Optional[Tu
         finally:
             accelerator.free_memory()
             del accelerator
+            if lock is not None:
+                lock.release()
         result = run_result(run, run_dir, status, params, error)
         results.append(result)
         if main:
-            write_hparams(result, run_dir, domains, epochs=cfg["grid"]["epochs"])
+            write_hparams(result, run_dir, domains, epochs=cfg.grid.epochs)
             write_results(results, output, stem, meta)
             if result["val_accuracy"] is not None:
                 say(f"  best val accuracy {result['val_accuracy']:.2%} (epoch {result['best_epoch']}), "
@@ -568,6 +645,6 @@ def print_results(results: Sequence[Dict[str, Any]], console=None, title: str = 
                          else "left", overflow="fold")
     for r in results:
         style = None if r.get("status") == "finished" else "dim"
-        table.add_row(*((r["name"] if full else r["name"].split("_lr=")[0]) if k == "name" else _cell(k, r.get(k))
+        table.add_row(*((r["name"] if full else short_name(r["index"])) if k == "name" else format_value(k, r.get(k))
                         for k, _ in columns), style=style)
     console.print(table)

@@ -23,31 +23,13 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 import torch
 import torch.nn.functional as F
 
-from .augment import GPUAugment
+from .config import Config
 from .data import DevicePrefetcher, build_loader, read_manifest
+from .plan import model_description
 
-__all__ = ["lr_sweep", "smooth_losses", "suggest_lr", "stop_check", "find_lr", "write_results", "plot_lr_finder",
-           "check_settings"]
+__all__ = ["lr_sweep", "smooth_losses", "suggest_lr", "stop_check", "find_lr", "write_results", "plot_lr_finder"]
 
 REPORT_HINT = 'pip install "tinycnn[report]"'
-
-
-def check_settings(s: Dict[str, Any]) -> Dict[str, Any]:
-    """Validate cfg['lr_finder']; returns it with numbers as numbers."""
-    try:
-        out = {"min_lr": float(s["min_lr"]), "max_lr": float(s["max_lr"]), "num_iters": int(s["num_iters"]),
-               "smooth": float(s["smooth"]), "diverge_factor": float(s["diverge_factor"])}
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"lr_finder settings must be numbers, got {s} ({e})") from None
-    if not 0 < out["min_lr"] < out["max_lr"]:
-        raise ValueError(f"lr_finder needs 0 < min_lr < max_lr, got min_lr={s['min_lr']}, max_lr={s['max_lr']}")
-    if out["num_iters"] < 2 or out["num_iters"] != s["num_iters"]:
-        raise ValueError(f"lr_finder.num_iters must be an integer >= 2, got {s['num_iters']!r}")
-    if not 0 <= out["smooth"] < 1:
-        raise ValueError(f"lr_finder.smooth must be in [0, 1), got {s['smooth']!r}")
-    if out["diverge_factor"] <= 1:
-        raise ValueError(f"lr_finder.diverge_factor must be > 1, got {s['diverge_factor']!r}")
-    return out
 
 
 def lr_sweep(min_lr: float, max_lr: float, num_iters: int) -> List[float]:
@@ -71,7 +53,7 @@ def suggest_lr(lrs: Sequence[float], losses: Sequence[float], skip_start: Option
                skip_end: int = 0) -> Optional[float]:
     """The lr at the steepest descent of `losses` (most negative d loss / d log10 lr), or None.
 
-    The slope is numpy.gradient's (central differences, one-sided at the ends) over the finite points.
+    The slope is torch.gradient's (central differences, one-sided at the ends) over the finite points.
     skip_start: points ignored at the start (default: a tenth of them, 1 to 10); skip_end: at the end.
     Returns None when fewer than 3 points are left or the loss never falls."""
     pts = [(math.log10(lr), loss) for lr, loss in zip(lrs, losses)
@@ -81,25 +63,16 @@ def suggest_lr(lrs: Sequence[float], losses: Sequence[float], skip_start: Option
     pts = pts[skip_start:len(pts) - skip_end]
     if len(pts) < 3:
         return None
-    x = [p[0] for p in pts]
-    y = [p[1] for p in pts]
-    slopes = []
-    for i in range(len(pts)):
-        lo, hi = max(0, i - 1), min(len(pts) - 1, i + 1)
-        # numpy.gradient on non-uniform spacing (second order inside, first order at the ends)
-        if 0 < i < len(pts) - 1:
-            h1, h2 = x[i] - x[i - 1], x[i + 1] - x[i]
-            if h1 <= 0 or h2 <= 0:
-                slopes.append(float("inf"))
-                continue
-            slopes.append((h1 ** 2 * y[i + 1] - h2 ** 2 * y[i - 1] + (h2 ** 2 - h1 ** 2) * y[i]) / (h1 * h2 * (h1 + h2)))
-        else:
-            dx = x[hi] - x[lo]
-            slopes.append((y[hi] - y[lo]) / dx if dx > 0 else float("inf"))
-    best = min(range(len(slopes)), key=lambda i: slopes[i])
+    x = torch.tensor([p[0] for p in pts], dtype=torch.float64)
+    y = torch.tensor([p[1] for p in pts], dtype=torch.float64)
+    if not bool((x.diff() > 0).all()):
+        raise ValueError("suggest_lr needs strictly increasing learning rates")
+    # numpy.gradient's scheme on non-uniform spacing: second order inside, first order at the ends
+    slopes = torch.gradient(y, spacing=(x,))[0]
+    best = int(slopes.argmin())
     if not slopes[best] < 0:
         return None
-    return 10 ** x[best]
+    return 10 ** float(x[best])
 
 
 def stop_check(loss: float, smoothed: float, best: float, diverge_factor: float, lr: float) -> Optional[str]:
@@ -116,7 +89,7 @@ def _finite(v: float) -> Optional[float]:
     return v if v is not None and math.isfinite(v) else None
 
 
-def find_lr(cfg: Dict[str, Any], output: Optional[Union[str, Path]] = None, *, accelerator=None,
+def find_lr(cfg: Config, output: Optional[Union[str, Path]] = None, *, accelerator=None,
             progress: bool = True, plot: bool = True) -> Dict[str, Any]:
     """Run the range test of the module docstring; write the csv/json/png into `output` when given.
 
@@ -124,34 +97,32 @@ def find_lr(cfg: Dict[str, Any], output: Optional[Union[str, Path]] = None, *, a
     loss, smoothed_loss}], ...}. Under several processes every process trains its part of each batch
     (DDP), the loss is averaged over them, and only the main process writes."""
     from accelerate.utils import set_seed
+    from timm.utils import unwrap_model
 
-    from .train import build_model, build_optimizer, make_accelerator
+    from .device import make_accelerator
+    from .plan import RunPlan, build_augment, build_model, build_optimizer
+    from .step import TrainStep
 
-    s = check_settings(cfg["lr_finder"])
-    t, d = cfg["train"], cfg["data"]
+    s, t, d = cfg.lr_finder, cfg.train, cfg.data
+    plan = RunPlan.from_config(cfg)
     if accelerator is None:
-        accelerator = make_accelerator({**cfg, "train": {**t, "grad_accum_steps": 1}}, log=False)
-    device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
-    set_seed(t["seed"], device_specific=True)
+        accelerator = make_accelerator(cfg.replace(["train.grad_accum_steps=1"]), log=False)
+    device, world = accelerator.device, accelerator.num_processes
+    set_seed(t.seed, device_specific=True)
 
-    root = Path(d["root"])
-    manifest = read_manifest(root)
-    num_classes = manifest["num_classes"]
-    subset = t["overfit_small_size"] if t["overfit_small"] else None
-    loader = build_loader(root, d["train_split"], batch_size=t["batch_size"], train=True, subset=subset, rank=rank,
-                          world_size=world, num_workers=d["num_workers"], seed=t["seed"],
-                          shuffle_buffer=d["shuffle_buffer"], skip_bad=d["skip_bad"])
-
-    model = build_model(cfg, num_classes)
-    aug_cfg = dict(cfg["augment"])
-    if t["overfit_small"]:
-        aug_cfg["enabled"] = False
-    aug = GPUAugment.from_config(aug_cfg).to(device)
-    optimizer = build_optimizer(model, {**t["optimizer"], "lr": s["min_lr"]}, device)
+    manifest = read_manifest(d.root)
+    loader = build_loader(d.root, d.train_split, batch_size=t.batch_size, train=True, subset=plan.train_subset,
+                          rank=accelerator.process_index, world_size=world, num_workers=d.num_workers, seed=t.seed,
+                          shuffle_buffer=d.shuffle_buffer, skip_bad=d.skip_bad)
+    model = build_model(cfg, manifest["num_classes"]).to(device)
+    aug = build_augment(cfg, plan, model).to(device)
+    optimizer = build_optimizer(model, t.optimizer, plan, lr=s.min_lr)
     model, optimizer = accelerator.prepare(model, optimizer)
     model.train()
-    label_smoothing = 0.0 if t["overfit_small"] else t["label_smoothing"]
-    lrs = lr_sweep(s["min_lr"], s["max_lr"], s["num_iters"])
+    # the same step as training: the sweep measures the loss training would see at each lr
+    step_fn = TrainStep(model, optimizer, augment=aug, label_smoothing=plan.label_smoothing, grad_clip=t.grad_clip,
+                        accelerator=accelerator)
+    lrs = lr_sweep(s.min_lr, s.max_lr, s.num_iters)
 
     def batches():  # as many epochs of the loader as the sweep needs
         epoch = 0
@@ -164,7 +135,7 @@ def find_lr(cfg: Dict[str, Any], output: Optional[Union[str, Path]] = None, *, a
     bar = Progress(TextColumn("[bold]lr finder"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
                    TimeElapsedColumn(), disable=not (progress and accelerator.is_main_process))
     points: List[Dict[str, Any]] = []
-    avg, best = 0.0, float("inf")
+    best = float("inf")
     stop_reason = None
     step, micro, loss_sum = 0, 0, torch.zeros((), device=device)
     stream = batches()
@@ -173,33 +144,24 @@ def find_lr(cfg: Dict[str, Any], output: Optional[Union[str, Path]] = None, *, a
         for images, labels in stream:
             for group in optimizer.param_groups:
                 group["lr"] = lrs[step]
-            with accelerator.accumulate(model):
-                with accelerator.autocast():
-                    loss = F.cross_entropy(model(aug(images)), labels, label_smoothing=label_smoothing)
-                accelerator.backward(loss)
-                if t["grad_clip"] and accelerator.sync_gradients:
-                    accelerator.clip_grad_norm_(model.parameters(), t["grad_clip"])
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            loss_sum += loss.detach().float()
+            loss, _ = step_fn(images, labels)
+            loss_sum += loss.float()
             micro += 1
             if not accelerator.sync_gradients:
                 continue
             value = accelerator.reduce(loss_sum / micro, reduction="mean").item()
             loss_sum, micro = torch.zeros((), device=device), 0
-            if math.isfinite(value):
-                avg = s["smooth"] * avg + (1 - s["smooth"]) * value
-                smoothed = avg / (1 - s["smooth"] ** (step + 1)) if s["smooth"] > 0 else value
-            else:
-                smoothed = float("nan")
+            losses = [p["loss"] for p in points] + [value]
+            smoothed = smooth_losses(losses, s.smooth)[-1] if math.isfinite(value) else float("nan")
             points.append({"step": step, "lr": lrs[step], "loss": value, "smoothed_loss": smoothed})
             bar.update(task, advance=1, info=f"lr {lrs[step]:.2e} loss {value:.3f}")
             step += 1
             if math.isfinite(smoothed):
                 best = min(best, smoothed)
-            stop_reason = stop_check(value, smoothed, best, s["diverge_factor"], lrs[step - 1])
+            stop_reason = stop_check(value, smoothed, best, s.diverge_factor, lrs[step - 1])
             if stop_reason is not None or step >= len(lrs):
                 break
+    loader.close()
 
     xs = [p["lr"] for p in points]
     ys = [p["smoothed_loss"] for p in points]
@@ -207,16 +169,15 @@ def find_lr(cfg: Dict[str, Any], output: Optional[Union[str, Path]] = None, *, a
     finite = [(p["smoothed_loss"], p["lr"]) for p in points if math.isfinite(p["smoothed_loss"])]
     result = {
         "suggested_lr": suggested,
-        "min_lr": s["min_lr"], "max_lr": s["max_lr"], "num_iters": s["num_iters"],
-        "smooth": s["smooth"], "diverge_factor": s["diverge_factor"],
+        "min_lr": s.min_lr, "max_lr": s.max_lr, "num_iters": s.num_iters,
+        "smooth": s.smooth, "diverge_factor": s.diverge_factor,
         "stopped_early": stop_reason is not None, "stop_reason": stop_reason,
         "num_points": len(points),
         "min_loss_lr": min(finite)[1] if finite else None,
         "best_smoothed_loss": min(finite)[0] if finite else None,
-        "optimizer": t["optimizer"]["name"], "weight_decay": t["optimizer"]["weight_decay"],
-        "batch_size": t["batch_size"] * world * t["grad_accum_steps"],
-        "model": {"name": cfg["model"], "stage_channels": list(cfg["stage_channels"]),
-                  "stage_repeats": list(cfg["stage_repeats"])},
+        "optimizer": t.optimizer.name, "weight_decay": plan.weight_decay,
+        "batch_size": t.batch_size * world * t.grad_accum_steps,
+        "model": model_description(cfg, unwrap_model(model)),
         "points": [{k: (_finite(v) if isinstance(v, float) and k != "lr" else v) for k, v in p.items()} for p in points],
     }
     # the probe's model and optimizer are not kept
@@ -238,7 +199,7 @@ def write_results(result: Dict[str, Any], output: Union[str, Path], plot: bool =
         for p in result["points"]:
             w.writerow([p["step"], repr(p["lr"]), "" if p["loss"] is None else repr(p["loss"]),
                         "" if p["smoothed_loss"] is None else repr(p["smoothed_loss"])])
-    from .train import environment_info
+    from .environment import environment_info
     (output / "lr_finder.json").write_text(json.dumps({**result, "environment": environment_info()}, indent=1))
     png = plot_lr_finder(result, output / "lr_finder.png") if plot else None
     return {"csv": output / "lr_finder.csv", "json": output / "lr_finder.json", "png": png}

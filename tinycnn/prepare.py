@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import glob
 import hashlib
 import http.client
 import json
@@ -21,7 +22,9 @@ import random
 import re
 import secrets
 import shutil
+import signal
 import sys
+import threading
 import time
 import urllib.error
 import urllib.parse
@@ -40,6 +43,8 @@ from rich.progress import (BarColumn, DownloadColumn, MofNCompleteColumn, Progre
 from rich.table import Table
 from rich.text import Text
 
+from .tar import write_shard
+
 __all__ = ["PrepareError", "prepare", "download", "download_hf", "ensure_prepared", "is_prepared", "main"]
 
 DEFAULT_URL = "http://cs231n.stanford.edu/tiny-imagenet-200.zip"
@@ -48,12 +53,14 @@ HF_REPO = "zh-plus/tiny-imagenet"
 DEFAULT_NUM_SHARDS = {"train": 64, "val": 16, "test": 16, "unlabeled": 16}
 SPLITS = tuple(DEFAULT_NUM_SHARDS)
 IMAGE_SIZE = 64
-FORMAT, FORMAT_VERSION = "tinycnn-shards", 1
+FORMAT, FORMAT_VERSION = "tinycnn-shards", 2  # 2: no .wnid member, optional gzip, source fingerprint
 
 _CHUNK = 256            # images per decode-check task
 _MIN_POOL_IMAGES = 2000  # below this a process pool costs more than it saves
 _MAX_LISTED = 10        # bad files named in an error message
 _LOCAL_HINT = "tinycnn-prepare /path/to/tiny-imagenet-200.zip --out DIR"
+_MIB = 1 << 20
+_OFFICIAL_MB = 248      # size of the official zip, said before downloading it
 
 
 class PrepareError(Exception):
@@ -127,7 +134,7 @@ def _key(name: str) -> str:
     return PurePosixPath(name).stem.replace(".", "_")
 
 
-def _layout_source(tree, kind: str, path: Path, include_test: bool) -> _Source:
+def _layout_source(tree, kind: str, path: Path, include_unlabeled: bool) -> _Source:
     """The tiny-imagenet-200 layout, at the top of `tree` or inside a single top folder."""
     files = [f for f in tree.names if not _IGNORED.search(f)]
     tops = [f for f in files if f.count("/") <= 1 and PurePosixPath(f).name == "wnids.txt"]
@@ -173,7 +180,7 @@ def _layout_source(tree, kind: str, path: Path, include_test: bool) -> _Source:
             entries.append((f, "train", m[1], m[2]))
         elif m := val_re.match(f):
             entries.append((f, "val", annotations.get(m[1]), m[1]))
-        elif include_test and (m := test_re.match(f)):
+        elif include_unlabeled and (m := test_re.match(f)):
             entries.append((f, "test", None, m[1]))
     val_files = {e[3] for e in entries if e[1] == "val"}
     if not any(e[1] == "train" for e in entries):
@@ -205,13 +212,13 @@ def _import_pyarrow():
     return pq
 
 
-def _parquet_source(path: Path, files: List[Path], include_test: bool) -> _Source:
+def _parquet_source(path: Path, files: List[Path], include_unlabeled: bool) -> _Source:
     pq = _import_pyarrow()
     groups: Dict[str, List[tuple]] = {"train": [], "val": [], "test": []}
     for f in files:
         if m := re.match(r"(train|valid|validation|val|test)[-_.]", f.name):
             origin = "val" if m[1].startswith("val") else m[1]
-            if origin != "test" or include_test:
+            if origin != "test" or include_unlabeled:
                 groups[origin].append((f, m[1]))
     if not groups["train"] or not groups["val"]:
         raise PrepareError(f"{path}: expected train-*.parquet and valid-*.parquet files below it, found "
@@ -255,22 +262,22 @@ def _parquet_source(path: Path, files: List[Path], include_test: bool) -> _Sourc
     return _Source("parquet", path, None, {}, total, items(), [])
 
 
-def _open_source(source, include_test: bool) -> _Source:
+def _open_source(source, include_unlabeled: bool) -> _Source:
     path = Path(source).expanduser().resolve()
     if not path.exists():
         raise PrepareError(f"source not found: {source}. Pass tiny-imagenet-200.zip, its extracted folder, "
                            "a folder of Hugging Face parquet files, or the word 'download'")
     if path.is_file():
         if path.suffix.lower() == ".zip" or zipfile.is_zipfile(path):
-            return _layout_source(_ZipTree(path), "zip", path, include_test)
+            return _layout_source(_ZipTree(path), "zip", path, include_unlabeled)
         raise PrepareError(f"{path}: unsupported source file; expected tiny-imagenet-200.zip")
     tops = [p for p in (path / "wnids.txt", *path.glob("*/wnids.txt")) if p.is_file()]
     if tops:
-        return _layout_source(_DirTree(path), "folder", path, include_test)
+        return _layout_source(_DirTree(path), "folder", path, include_unlabeled)
     # hidden folders: huggingface_hub keeps its download state in .cache/
     parquets = sorted(f for f in path.rglob("*.parquet") if not _IGNORED.search(f.relative_to(path).as_posix()))
     if parquets:
-        return _parquet_source(path, parquets, include_test)
+        return _parquet_source(path, parquets, include_unlabeled)
     raise PrepareError(f"{path}: neither the tiny-imagenet-200 layout (wnids.txt, train/, val/) nor parquet files")
 
 
@@ -322,7 +329,19 @@ def _check_jpegs(blobs: List[bytes]) -> list:
     return [_check_jpeg(b) for b in blobs]
 
 
-def _init_worker():
+def _die_with_parent(parent: int):
+    """Linux: the kernel kills this process when its parent dies, even by SIGKILL (no orphaned workers)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os._exit(1)
+
+
+def _init_worker(parent: int):
+    _die_with_parent(parent)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the parent shuts the pool down
     import torch
     torch.set_num_threads(1)  # one process per core already
 
@@ -336,7 +355,8 @@ def _make_pool(workers: int, total: int):
     from concurrent.futures import ProcessPoolExecutor
     # fork: workers start at once and need not re-import torch (spawn would cost seconds per worker)
     ctx = multiprocessing.get_context("fork") if sys.platform.startswith("linux") else None
-    pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_worker)
+    pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_worker,
+                               initargs=(os.getpid(),))
     try:
         pool.submit(int).result()  # fork all workers now, before the progress bar starts its thread
         yield pool
@@ -444,46 +464,27 @@ def _split(items: List[_Item], num_classes: int, holdout: int, seed: int) -> Dic
     return splits
 
 
-def _tar_header(name: bytes, size: int) -> bytes:
-    """The USTAR header tarfile writes for a regular file (mode 0444, mtime 0, no owner names).
+def _write_split(folder: Path, split: str, members: List[_Item], num_shards: int, compress: bool, pool,
+                 advance) -> List[dict]:
+    """Write `members` in order as `num_shards` shards (never more than samples) of near-equal size.
 
-    tarfile/webdataset.TarWriter spend ~40 us per member building it, a third of the whole run;
-    tests check that this one is byte-identical to tarfile's.
+    A sample is <key>.cls and <key>.jpg: the class's wnid and name are in the manifest.
     """
-    if len(name) > 100:
-        raise PrepareError(f"member name too long for a tar header: {name!r}")
-    head = (name.ljust(100, b"\0") + b"0000444\0" + b"0000000\0" * 2 + b"%011o\0" % size + b"00000000000\0"
-            + b" " * 8 + b"0" + b"\0" * 100 + b"ustar\x0000").ljust(512, b"\0")
-    return head[:148] + b"%06o\0 " % sum(head) + head[156:]
-
-
-def _write_shard(path: Path, samples: List[tuple]) -> int:
-    """A WebDataset shard: per sample <key>.cls, <key>.jpg, <key>.wnid (tarfile's member order)."""
-    with open(path, "wb") as f:
-        for key, data, label, wnid in samples:
-            for ext, value in ((b"cls", str(label).encode("ascii")), (b"jpg", data), (b"wnid", wnid.encode("ascii"))):
-                f.write(_tar_header(key.encode() + b"." + ext, len(value)))
-                f.write(value)
-                f.write(b"\0" * (-len(value) % 512))
-        f.write(b"\0" * 1024)  # end-of-archive marker: two zero blocks
-    return len(samples)
-
-
-def _write_split(folder: Path, split: str, members: List[_Item], num_shards: int, pool, advance) -> List[dict]:
-    """Write `members` in order as `num_shards` shards (never more than samples) of near-equal size."""
     n = min(num_shards, len(members))
     shards, pending = [], []
     for s in range(n):
         part = members[s * len(members) // n:(s + 1) * len(members) // n]  # sizes differ by at most 1
-        name = f"{split}-{s:05d}.tar"
-        samples = [(it.key, it.data, it.label, it.wnid or "") for it in part]
+        name = f"{split}-{s:05d}.tar" + (".gz" if compress else "")
+        samples = [{"__key__": it.key, "cls": str(it.label), "jpg": it.data} for it in part]
         if pool is None:
-            advance(_write_shard(folder / name, samples))
+            write_shard(folder / name, samples, compress=compress)
+            advance(len(part))
         else:
-            pending.append(pool.submit(_write_shard, folder / name, samples))
+            pending.append((pool.submit(write_shard, folder / name, samples, compress=compress), len(part)))
         shards.append({"file": name, "num_samples": len(part)})
-    for fut in pending:
-        advance(fut.result())
+    for fut, count in pending:
+        fut.result()
+        advance(count)
     return shards
 
 
@@ -546,11 +547,66 @@ def _install(tmp: Path, out: Path):
         if out.is_dir() and not any(out.iterdir()):
             out.rmdir()
         else:  # a folder of ours (checked before we started): move it aside until the new one is in place
-            old = out.with_name(f"{out.name}.old-{secrets.token_hex(4)}")
+            old = out.with_name(f"{out.name}.old-{os.getpid()}-{secrets.token_hex(4)}")
             out.rename(old)
     tmp.rename(out)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _lock(out: Path):
+    """Hold OUT.lock (with our pid in it) while we write `out`: a second prepare into the same folder
+    stops at once. The OS drops the lock when the process dies, however it dies."""
+    import fcntl
+    path = out.with_name(out.name + ".lock")
+    while True:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise PrepareError(f"cannot create {path} ({e.strerror}); choose an --out in a folder you can write") \
+                from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise PrepareError(f"{out} is being written by another tinycnn-prepare (pid {holder}); "
+                               "wait for it to finish or stop it, or choose another --out") from None
+        if os.path.exists(path) and os.path.samestat(os.fstat(fd), os.stat(path)):
+            break  # else the holder removed the file as we opened it: lock the new one
+        os.close(fd)
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    try:
+        yield
+    finally:
+        os.unlink(path)
+        os.close(fd)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, someone else's
+        return True
+    return True
+
+
+def _remove_stale(out: Path, console: Console):
+    """Remove OUT.tmp-* / OUT.old-* folders left by a prepare that died (called while holding the lock).
+
+    Their names carry the writer's pid; a folder whose pid is alive is left alone.
+    """
+    for p in sorted(out.parent.glob(f"{glob.escape(out.name)}.*-*")):
+        m = re.fullmatch(re.escape(out.name) + r"\.(tmp|old)-(?:(\d+)-)?[0-9a-f]{8}", p.name)
+        if not m or not p.is_dir() or (m[2] and int(m[2]) != os.getpid() and _pid_alive(int(m[2]))):
+            continue
+        shutil.rmtree(p, ignore_errors=True)
+        who = f"process {m[2]}" if m[2] else "an earlier run"
+        console.print(Text(f"removed {p}, left by {who} that did not finish", style="yellow"), soft_wrap=True)
 
 
 def _summary(manifest: dict, seconds: float, out: Path, console: Console):
@@ -570,16 +626,67 @@ def _summary(manifest: dict, seconds: float, out: Path, console: Console):
 
 
 # ----------------------------------------------------------------------------------------------
+# Provenance: what a prepared folder was made from
+
+
+def _fingerprint(path: Path) -> Dict[str, Union[int, str]]:
+    """Size and a cheap content fingerprint of a source, computed in well under a second.
+
+    A file: sha256 over its size and its first and last MiB. A folder: sha256 over the list of its
+    files (as _open_source sees them) with their sizes.
+    """
+    h = hashlib.sha256()
+    if path.is_file():
+        size = path.stat().st_size
+        h.update(b"%d\n" % size)
+        with open(path, "rb") as f:
+            h.update(f.read(_MIB))
+            f.seek(max(size - _MIB, 0))
+            h.update(f.read(_MIB))
+    else:
+        size = 0
+        for d, dirs, files in os.walk(path):
+            dirs.sort()
+            for name in sorted(files):
+                rel = Path(d, name).relative_to(path).as_posix()
+                if not _IGNORED.search(rel):
+                    n = os.stat(os.path.join(d, name)).st_size
+                    size += n
+                    h.update(f"{rel}\t{n}\n".encode())
+    return {"size": size, "fingerprint": "sha256:" + h.hexdigest()}
+
+
+def _source_mismatch(manifest: dict, source) -> Optional[str]:
+    """Why `source` is not what the prepared `manifest` was made from, or None when it is."""
+    recorded = manifest.get("source", {})
+    path = Path(source).expanduser().resolve()
+    made_from = f"{recorded.get('path')} ({recorded.get('kind')}, {recorded.get('size', '?')} bytes)"
+    if "fingerprint" not in recorded:  # shards from before fingerprints: the path is all we have
+        if str(path) == recorded.get("path"):
+            return None
+        return f"made from {made_from}, not from {path} (compared by path: these shards record no fingerprint)"
+    if not path.exists():
+        # the source deleted after preparing is fine; a different path that does not exist is a typo
+        return None if str(path) == recorded.get("path") else f"made from {made_from}; {path} does not exist"
+    given = _fingerprint(path)
+    if given["fingerprint"] == recorded["fingerprint"]:
+        return None  # same content, wherever it lives now
+    return f"made from {made_from}, not from {path} ({given['size']} bytes, other content)"
+
+
+# ----------------------------------------------------------------------------------------------
 # prepare
 
 
 def prepare(source, out, *, holdout_per_class: int = 50, seed: int = 0,
             num_shards: Union[None, int, Mapping[str, int]] = None, skip_bad: bool = False, force: bool = False,
-            include_test_images: bool = False, workers: Optional[int] = None, progress: bool = True) -> dict:
+            include_unlabeled: bool = False, compress: bool = False, workers: Optional[int] = None,
+            progress: bool = True) -> dict:
     """Write Tiny ImageNet from `source` as WebDataset shards into `out`; return the manifest.
 
     source: tiny-imagenet-200.zip, its extracted folder, or a folder holding the Hugging Face parquet
-        files (train-*.parquet, valid-*.parquet anywhere below it).
+        files (train-*.parquet, valid-*.parquet anywhere below it). None: only check that `out` is
+        already prepared with these settings.
     holdout_per_class: train images per class held out as split `val` (seeded, stratified); the
         official validation images become `test`. 0: train = all train images, val = official
         validation, no test.
@@ -587,9 +694,10 @@ def prepare(source, out, *, holdout_per_class: int = 50, seed: int = 0,
         for all; never more shards than samples.
     skip_bad: leave out bad images (truncated, not JPEG, not 64x64, unknown wnid, duplicate key...) and
         list them in manifest["skipped"] instead of raising PrepareError.
-    force: rebuild even when `out` already holds a complete dataset (otherwise that is a no-op).
-    include_test_images: also write the official unlabeled test images as split `unlabeled`
-        (cls -1, empty wnid).
+    force: rebuild even when `out` already holds a complete dataset (otherwise that is a no-op, or an
+        error when it was made from another source or with other settings).
+    include_unlabeled: also write the official unlabeled test images as split `unlabeled` (cls -1).
+    compress: gzip-compressed shards (<split>-NNNNN.tar.gz), for readers that pay for bandwidth.
     workers: processes for the decode check and the shard writing (default: the usable cores).
     progress: show progress bars and the summary table.
     """
@@ -599,89 +707,120 @@ def prepare(source, out, *, holdout_per_class: int = 50, seed: int = 0,
     shard_counts = _num_shards(num_shards)
     if holdout_per_class < 0:
         raise PrepareError(f"holdout_per_class must be >= 0, got {holdout_per_class}")
+    settings = {"holdout_per_class": holdout_per_class, "seed": seed, "include_unlabeled": include_unlabeled,
+                "compress": compress}
 
-    existing = _read_manifest(out)
-    if existing is not None and not force:
-        wanted = {"holdout_per_class": holdout_per_class, "seed": seed,
-                  "unlabeled": include_test_images}
-        have = {"holdout_per_class": existing.get("holdout_per_class"), "seed": existing.get("seed"),
-                "unlabeled": "unlabeled" in existing["splits"]}
-        if wanted != have:
-            differ = ", ".join(f"{k} {have[k]} (asked {wanted[k]})" for k in wanted if wanted[k] != have[k])
-            raise PrepareError(f"{out} is already prepared with other settings: {differ}; "
-                               "pass --force (force=True) to rebuild it")
-        console.print(Text(f"{out} is already prepared (pass --force to rebuild)", style="green"), soft_wrap=True)
-        return existing
-    if out.exists() and not _is_ours(out) and (not out.is_dir() or any(out.iterdir())):
-        # never delete what we did not write (an incomplete folder of ours is rebuilt)
-        raise PrepareError(f"{out} exists and is not a prepared dataset; choose a new or empty folder")
-
-    workers = workers or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
-    src = _open_source(source, include_test_images)
-
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f"{out.name}.tmp-{secrets.token_hex(4)}")
-    tmp.mkdir()
+    if out.exists() and not out.is_dir():
+        raise PrepareError(f"{out} exists and is not a folder; choose a new or empty folder")
     try:
-        columns = (TextColumn("{task.description:<24}"), BarColumn(), MofNCompleteColumn(),
-                   TimeElapsedColumn(), TimeRemainingColumn())
-        with _make_pool(workers, src.total) as pool, \
-                Progress(*columns, console=console, disable=not progress) as bars:
-            task = bars.add_task(f"checking {src.kind}", total=src.total)
-            items = _scan(src, pool, lambda n: bars.advance(task, n))
-
-            problems = list(src.problems)
-            wnids = src.wnids or sorted({it.wnid for it in items
-                                         if it.origin == "train" and it.error is None and it.wnid})
-            if not wnids:
-                raise PrepareError(f"{src.path}: no usable train images")
-            names = src.names or {w: w for w in wnids}
-            good = _label_items(items, wnids, problems)
-            if problems and not skip_bad:
-                listed = "\n".join(f"  {p['file']}: {p['reason']}" for p in problems[:_MAX_LISTED])
-                more = f"\n  ... and {len(problems) - _MAX_LISTED} more" if len(problems) > _MAX_LISTED else ""
-                raise PrepareError(f"{len(problems)} bad input(s) in {src.path}:\n{listed}{more}\n"
-                                   "Fix the source, or pass --skip-bad (skip_bad=True) to leave them out "
-                                   "and list them in manifest.json")
-            splits = _split(good, len(wnids), holdout_per_class, seed)
-
-            task = bars.add_task("writing shards", total=sum(map(len, splits.values())))
-            manifest_splits = {}
-            for name, members in splits.items():
-                shards = _write_split(tmp, name, members, shard_counts[name], pool, lambda n: bars.advance(task, n))
-                counts = Counter(it.label for it in members)
-                manifest_splits[name] = {
-                    "num_samples": len(members),
-                    "grayscale": sum(it.gray for it in members),
-                    "shards": shards,
-                    "class_counts": [counts[i] for i in range(len(wnids))],
-                }
-
-        manifest = {
-            "format": FORMAT, "format_version": FORMAT_VERSION, "tinycnn_version": _version(),
-            "source": {"kind": src.kind, "path": str(src.path)},
-            "seed": seed, "holdout_per_class": holdout_per_class,
-            "num_classes": len(wnids), "input_shape": [3, IMAGE_SIZE, IMAGE_SIZE],
-            "classes": [{"wnid": w, "name": names.get(w, w)} for w in wnids],
-            "splits": manifest_splits,
-            "skipped": problems,
-        }
-        # the same splits for timm: create_dataset("wds/tiny-imagenet", root=out, split="train")
-        info = {"name": out.name, "num_classes": len(wnids), "splits": {
-            name: {"name": name, "num_samples": s["num_samples"],
-                   "filenames": [x["file"] for x in s["shards"]],
-                   "shard_lengths": [x["num_samples"] for x in s["shards"]]}
-            for name, s in manifest_splits.items()}}
-        (tmp / "_info.json").write_text(json.dumps(info, indent=1) + "\n")
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")  # last: marks completeness
-        _install(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise PrepareError(f"cannot create {out.parent} ({e.strerror}); choose another --out") from None
+    with _lock(out):
+        _remove_stale(out, Console(stderr=True))
+        existing = _read_manifest(out)
+        if existing is not None and not force:
+            _check_existing(existing, out, source, settings)
+            console.print(Text(f"{out} is already prepared (pass --force to rebuild)", style="green"),
+                          soft_wrap=True)
+            return existing
+        if source is None:
+            raise PrepareError(f"{out} is not prepared and no source was given: "
+                               f"tinycnn-prepare /path/to/tiny-imagenet-200.zip --out {out}")
+        if out.exists() and not _is_ours(out) and (not out.is_dir() or any(out.iterdir())):
+            # never delete what we did not write (an incomplete folder of ours is rebuilt)
+            raise PrepareError(f"{out} exists and is not a prepared dataset; choose a new or empty folder")
+        workers = workers or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity")
+                              else os.cpu_count() or 1)
+        src = _open_source(source, include_unlabeled)
+        # the owner's pid in the name: a later run removes the folder only once that process is gone
+        tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+        tmp.mkdir()
+        try:
+            manifest = _write_dataset(src, tmp, out.name, settings, shard_counts, skip_bad, workers, console,
+                                      progress)
+            _install(tmp, out)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
     if progress:
         _summary(manifest, time.perf_counter() - started, out, Console())
-        for p in problems[:_MAX_LISTED]:
+        for p in manifest["skipped"][:_MAX_LISTED]:
             console.print(Text(f"skipped {p['file']}: {p['reason']}", style="yellow"), soft_wrap=True)
+    return manifest
+
+
+def _check_existing(manifest: dict, out: Path, source, settings: dict):
+    """Refuse to take a prepared folder as it is when it was made from another source or with other settings."""
+    if source is not None:
+        why = _source_mismatch(manifest, source)
+        if why:
+            raise PrepareError(f"{out} is already prepared, {why}; rebuild it: tinycnn-prepare {source} "
+                               f"--out {out} --force, or choose another --out")
+    have = {"holdout_per_class": manifest.get("holdout_per_class"), "seed": manifest.get("seed"),
+            "include_unlabeled": "unlabeled" in manifest["splits"],
+            "compress": bool(manifest.get("compress", False))}
+    if have != settings:
+        differ = ", ".join(f"{k} {have[k]} (asked {settings[k]})" for k in settings if settings[k] != have[k])
+        raise PrepareError(f"{out} is already prepared with other settings: {differ}; "
+                           "pass --force (force=True) to rebuild it")
+
+
+def _write_dataset(src: _Source, tmp: Path, dataset_name: str, settings: dict, shard_counts: Dict[str, int],
+                   skip_bad: bool, workers: int, console: Console, progress: bool) -> dict:
+    """Check every image, split, write the shards, _info.json and (last) manifest.json into `tmp`."""
+    columns = (TextColumn("{task.description:<24}"), BarColumn(), MofNCompleteColumn(),
+               TimeElapsedColumn(), TimeRemainingColumn())
+    with _make_pool(workers, src.total) as pool, Progress(*columns, console=console, disable=not progress) as bars:
+        task = bars.add_task(f"checking {src.kind}", total=src.total)
+        items = _scan(src, pool, lambda n: bars.advance(task, n))
+
+        problems = list(src.problems)
+        wnids = src.wnids or sorted({it.wnid for it in items
+                                     if it.origin == "train" and it.error is None and it.wnid})
+        if not wnids:
+            raise PrepareError(f"{src.path}: no usable train images")
+        names = src.names or {w: w for w in wnids}
+        good = _label_items(items, wnids, problems)
+        if problems and not skip_bad:
+            listed = "\n".join(f"  {p['file']}: {p['reason']}" for p in problems[:_MAX_LISTED])
+            more = f"\n  ... and {len(problems) - _MAX_LISTED} more" if len(problems) > _MAX_LISTED else ""
+            raise PrepareError(f"{len(problems)} bad input(s) in {src.path}:\n{listed}{more}\n"
+                               "Fix the source, or pass --skip-bad (skip_bad=True) to leave them out "
+                               "and list them in manifest.json")
+        splits = _split(good, len(wnids), settings["holdout_per_class"], settings["seed"])
+
+        task = bars.add_task("writing shards", total=sum(map(len, splits.values())))
+        manifest_splits = {}
+        for name, members in splits.items():
+            shards = _write_split(tmp, name, members, shard_counts[name], settings["compress"], pool,
+                                  lambda n: bars.advance(task, n))
+            counts = Counter(it.label for it in members)
+            manifest_splits[name] = {
+                "num_samples": len(members),
+                "grayscale": sum(it.gray for it in members),
+                "shards": shards,
+                "class_counts": [counts[i] for i in range(len(wnids))],
+            }
+
+    manifest = {
+        "format": FORMAT, "format_version": FORMAT_VERSION, "tinycnn_version": _version(),
+        "source": {"kind": src.kind, "path": str(src.path), **_fingerprint(src.path)},
+        "seed": settings["seed"], "holdout_per_class": settings["holdout_per_class"],
+        "compress": settings["compress"],
+        "num_classes": len(wnids), "input_shape": [3, IMAGE_SIZE, IMAGE_SIZE],
+        "classes": [{"wnid": w, "name": names.get(w, w)} for w in wnids],
+        "splits": manifest_splits,
+        "skipped": problems,
+    }
+    # the same splits for timm: create_dataset("wds/tiny-imagenet", root=out, split="train")
+    info = {"name": dataset_name, "num_classes": len(wnids), "splits": {
+        split: {"name": split, "num_samples": s["num_samples"],
+                "filenames": [x["file"] for x in s["shards"]],
+                "shard_lengths": [x["num_samples"] for x in s["shards"]]}
+        for split, s in manifest_splits.items()}}
+    (tmp / "_info.json").write_text(json.dumps(info, indent=1) + "\n")
+    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")  # last: marks completeness
     return manifest
 
 
@@ -710,6 +849,8 @@ def _verify(path: Path, md5: Optional[str], sha256: Optional[str]):
 
 def _fetch(url: str, part: Path, timeout: float, progress: bool, retried: bool = False):
     """Download `url` into `part`, continuing a partial file with an HTTP Range request."""
+    # hand-written because torchvision's download_url (and huggingface_hub, for non-Hub URLs) restart an
+    # interrupted 248 MB download from zero; this one continues it
     have = part.stat().st_size if part.exists() else 0
     headers = {"User-Agent": f"tinycnn-prepare/{_version()}"}
     if have:
@@ -794,24 +935,51 @@ def download_hf(out_dir, *, repo_id: str = HF_REPO) -> Path:
         raise _offline(f"https://huggingface.co/datasets/{repo_id}", f"{type(e).__name__}: {e}") from None
 
 
-def ensure_prepared(out, *, source=None, download: bool = True, url: str = DEFAULT_URL,
+def _download_official(out: Path, where: Path, url: str, md5: Optional[str], sha256: Optional[str] = None,
+                       progress: bool = True) -> Path:
+    """The zip at `url` in `where`, fetched (or reused) after saying what, how big and where."""
+    Console(stderr=True).print(
+        Text(f"downloading {url} (the official zip is ~{_OFFICIAL_MB} MB) into {where}, "
+             f"then writing shards to {out}", style="cyan"), soft_wrap=True)
+    return download(where, url, md5, sha256=sha256, progress=progress)
+
+
+def _why_unprepared(out: Path) -> str:
+    if not out.exists():
+        return "does not exist"
+    if out.is_dir() and not any(out.iterdir()):
+        return "is empty"
+    return "holds no prepared dataset (no complete manifest.json)"
+
+
+def ensure_prepared(out, *, source=None, download: bool = False, url: str = DEFAULT_URL,
                     md5: Optional[str] = OFFICIAL_MD5, **prepare_kwargs) -> Path:
-    """Return `out` once it holds a complete prepared dataset: as it is, or prepared from `source`,
-    or (download=True) from the official zip fetched into `out.parent / "downloads"`."""
-    out = Path(out).expanduser()
-    if is_prepared(out):
+    """Return `out` once it holds a complete prepared dataset made from `source` (when given).
+
+    out prepared: returned as it is; a `source` it was not made from (other content, by fingerprint)
+        is a PrepareError that names both.
+    out not prepared: prepared from `source`; without one, download=True fetches the official zip into
+        `out.parent / "downloads"` (saying so first), otherwise a PrepareError says how to prepare it.
+    """
+    out = Path(out).expanduser().absolute()
+    manifest = _read_manifest(out)
+    if manifest is not None:
+        if source is not None and (why := _source_mismatch(manifest, source)):
+            raise PrepareError(f"the shards in {out} were {why}: rebuild them with "
+                               f"`tinycnn-prepare {source} --out {out} --force`, or choose another folder "
+                               "with --data")
+        if source is not None and "fingerprint" not in manifest.get("source", {}):
+            warnings.warn(f"{out} records no source fingerprint (made by an older tinycnn-prepare): "
+                          "checked data.source by path only")
         return out
     if source is None:
         if not download:
-            raise PrepareError(f"no prepared Tiny ImageNet at {out}. Prepare it first: "
-                               f"tinycnn-prepare /path/to/tiny-imagenet-200.zip --out {out}   "
-                               f"(or: tinycnn-prepare download --out {out})")
-        source = _download_zip(out.parent / "downloads", url, md5, progress=prepare_kwargs.get("progress", True))
+            raise PrepareError(f"shards folder {out} {_why_unprepared(out)}; prepare it first: "
+                               f"tinycnn-prepare /path/to/tiny-imagenet-200.zip --out {out}")
+        source = _download_official(out, out.parent / "downloads", url, md5,
+                                    progress=prepare_kwargs.get("progress", True))
     prepare(source, out, **prepare_kwargs)
     return out
-
-
-_download_zip = download  # ensure_prepared's `download` argument hides the function
 
 
 # ----------------------------------------------------------------------------------------------
@@ -827,16 +995,24 @@ sources:
 splits (default): train = official train minus --holdout images per class, val = the held-out
 images, test = the official validation images. --holdout 0: train = all train images, val = official
 validation, no test. The official test images have no labels and are left out unless
---include-unlabeled-test (split 'unlabeled', cls -1).
+--include-unlabeled (split 'unlabeled', cls -1).
 
 Every image is decoded once: a truncated or non-JPEG file, an image that is not 64x64, an unknown
 wnid or a duplicate key stops the run (exit 2) naming the file; --skip-bad leaves such files out
-and lists them in manifest.json. Output appears only when complete (built in DIR.tmp-*).
+and lists them in manifest.json. Output appears only when complete (built in DIR.tmp-<pid>-*,
+removed by the next run if this one is killed); DIR.lock stops a second prepare into DIR.
+manifest.json records the source's path, size and fingerprint: re-running with another source
+into a prepared DIR is an error unless --force.
+
+--compress writes gzip-compressed shards (<split>-NNNNN.tar.gz, ~0.4x the bytes of plain ones, ~0.7x
+the JPEG bytes; webdataset, timm and tinycnn read them as they are): for readers that pay for
+bandwidth (object storage, HTTP, many nodes). On a local disk plain shards read faster.
 
 examples:
   tinycnn-prepare ~/Downloads/tiny-imagenet-200.zip --out shards/tiny-imagenet
   tinycnn-prepare data/tiny-imagenet-200 --out shards/tiny-imagenet --holdout 0
   tinycnn-prepare data/hf-tiny-imagenet --out shards/tiny-imagenet --num-shards train=32,val=8,test=8
+  tinycnn-prepare ~/Downloads/tiny-imagenet-200.zip --out shards/tiny-imagenet-gz --compress
   tinycnn-prepare download --out shards/tiny-imagenet
   tinycnn-prepare download --hf --out shards/tiny-imagenet
   tinycnn-prepare download --url http://mirror.example/tiny-imagenet-200.zip --out shards/tiny-imagenet
@@ -872,8 +1048,12 @@ def _parser() -> argparse.ArgumentParser:
                    help="shards per split, e.g. train=64,val=16,test=16 (the default), or one number for all")
     p.add_argument("--skip-bad", action="store_true", help="leave out bad images and list them in manifest.json")
     p.add_argument("--force", action="store_true", help="rebuild an output folder that is already prepared")
-    p.add_argument("--include-unlabeled-test", action="store_true",
+    p.add_argument("--include-unlabeled", action="store_true",
                    help="also write the official unlabeled test images as split 'unlabeled' (cls -1)")
+    p.add_argument("--include-unlabeled-test", dest="include_unlabeled", action="store_true",
+                   help=argparse.SUPPRESS)  # the flag's old name
+    p.add_argument("--compress", action="store_true",
+                   help="gzip-compressed shards (<split>-NNNNN.tar.gz): ~0.4x the bytes, for remote readers")
     p.add_argument("--workers", type=int, default=None, metavar="N",
                    help="processes for the decode check and the shard writing (default: all usable cores)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars and no summary table")
@@ -901,19 +1081,13 @@ def main(argv=None) -> int:
     console = Console(stderr=True)
     progress = not args.no_progress
     try:
-        source = args.source
-        # an output that is already prepared needs no download: prepare() stops before reading the source
-        if is_download and (args.force or not is_prepared(args.out)):
-            where = args.download_dir or args.out.expanduser().absolute().parent / "downloads"
-            if args.hf:
-                source = download_hf(where)
-            else:
-                md5 = None if args.no_verify else (args.md5 or (None if args.sha256 else OFFICIAL_MD5))
-                sha256 = None if args.no_verify else args.sha256
-                source = download(where, args.url or DEFAULT_URL, md5, sha256=sha256, progress=progress)
-        prepare(source, args.out, holdout_per_class=args.holdout, seed=args.seed, num_shards=args.num_shards,
-                skip_bad=args.skip_bad, force=args.force, include_test_images=args.include_unlabeled_test,
-                workers=args.workers, progress=progress)
+        with _stop_on_termination():
+            source = args.source
+            if is_download:
+                source = _download_source(args, progress)
+            prepare(source, args.out, holdout_per_class=args.holdout, seed=args.seed, num_shards=args.num_shards,
+                    skip_bad=args.skip_bad, force=args.force, include_unlabeled=args.include_unlabeled,
+                    compress=args.compress, workers=args.workers, progress=progress)
     except PrepareError as e:
         console.print(Text(f"error: {e}", style="bold red"), soft_wrap=True)
         return 2
@@ -921,6 +1095,39 @@ def main(argv=None) -> int:
         console.print(Text("interrupted; nothing was left in the output folder", style="red"))
         return 130
     return 0
+
+
+def _download_source(args, progress: bool) -> Optional[Path]:
+    """The downloaded source for `tinycnn-prepare download`; None when --out is already prepared
+    (prepare() then only checks its settings)."""
+    if not args.force and is_prepared(args.out):
+        return None
+    out = args.out.expanduser().absolute()
+    where = args.download_dir or out.parent / "downloads"
+    if args.hf:
+        return download_hf(where)
+    md5 = None if args.no_verify else (args.md5 or (None if args.sha256 else OFFICIAL_MD5))
+    sha256 = None if args.no_verify else args.sha256
+    return _download_official(out, where, args.url or DEFAULT_URL, md5, sha256, progress)
+
+
+@contextlib.contextmanager
+def _stop_on_termination():
+    """SIGTERM and SIGHUP (a scheduler or a closed terminal) stop the run like Ctrl-C: the temporary folder
+    is removed and the pool shut down, instead of the process vanishing mid-write."""
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    signals = [signal.SIGTERM] + ([signal.SIGHUP] if hasattr(signal, "SIGHUP") else [])
+    previous = {s: signal.signal(s, interrupt) for s in signals}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,222 @@
+"""What every recipe script (recipes/*.py) does before and around its work.
+
+The order matters: a run checks everything it can before it writes anything.
+  1. `relaunch_multi_cpu` / `die_with_launcher`: the process layout (and no trainer outlives its launcher);
+  2. `config_from_args`: the typed config, checked key by key (with `--resume`, the run's saved config);
+  3. `ensure_data`: the shards exist and match `data.source` (the default folder alone may be downloaded);
+  4. `claim_output`: a fresh or resumed output folder, locked for the life of the run;
+then the recipe's work, and `run_main` turns known errors into one line and exit code 2.
+"""
+import argparse
+import ctypes
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import List, Optional, Tuple
+
+from .config import Config, ConfigError, flatten, load_config
+
+__all__ = ["recipe_parser", "config_from_args", "ensure_data", "claim_output", "release_output", "run_main",
+           "relaunch_multi_cpu", "die_with_launcher", "RESUMABLE_KEYS"]
+
+DEFAULT_DATA_ROOT = Config().data.root
+
+# What `--resume` may change: how long the run goes on and how it is read and logged, never what it learns
+# from (data, model, optimizer, schedule shape, seed).
+RESUMABLE_KEYS = ("train.epochs", "train.max_steps", "train.log_every", "train.eval_every", "train.save_every",
+                  "train.progress_seconds", "data.num_workers", "data.download", "data.skip_bad")
+
+CONFIG_HELP = """
+Configuration: defaults < --config FILE < --data/--max_epochs < dotted overrides, e.g.
+  train.epochs=5  train.optimizer.lr=0.001  stage_channels=[16,32,64]  augment.enabled=false  model=resnet10t
+Values are YAML; 1e-5 is a number. Every key's type and range is checked before anything starts; an unknown
+key is an error naming the closest valid key. Keys and defaults: tinycnn/config.py, recipes/configs/*.yaml.
+"""
+
+
+def recipe_parser(doc: str, default_config: Optional[str] = None, *, output_default: Optional[str] = None,
+                  resumable: bool = False) -> argparse.ArgumentParser:
+    """An argument parser with the options every config-driven recipe takes."""
+    parser = argparse.ArgumentParser(description=doc, epilog=CONFIG_HELP,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default=None,
+                        help=f"YAML config file (default: {default_config or 'the built-in defaults'})")
+    parser.set_defaults(default_config=default_config)
+    parser.add_argument("--data", help="a tinycnn-prepare output folder or a URL serving one (overrides data.root)")
+    parser.add_argument("--max_epochs", "--max-epochs", type=int, dest="max_epochs",
+                        help="number of epochs (overrides train.epochs; the original project's flag)")
+    parser.add_argument("--no-download", action="store_true", help="never download data; fail if it is missing")
+    parser.add_argument("--output", default=output_default,
+                        help="output folder (default: %(default)s). A folder holding an earlier run is never "
+                             "written into: the run goes to the next free name (NAME-2, NAME-3, ...)")
+    parser.add_argument("--overwrite", action="store_true", help="replace the results already in --output")
+    if resumable:
+        parser.add_argument("--resume", action="store_true",
+                            help="continue the run in --output from its saved config and state; only "
+                                 + ", ".join(RESUMABLE_KEYS) + " may be changed")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar or progress lines")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
+    return parser
+
+
+def _overrides(args: argparse.Namespace, extra: Optional[List[str]] = None) -> List[str]:
+    overrides = ["data.download=false"] if args.no_download else []
+    if args.data:
+        overrides.append(f"data.root={args.data}")
+    if args.max_epochs:
+        overrides.append(f"train.epochs={args.max_epochs}")
+    return [*overrides, *(extra or []), *args.overrides]
+
+
+def config_from_args(args: argparse.Namespace, extra: Optional[List[str]] = None) -> Config:
+    """The checked config of a recipe's command line; with --resume, the run's saved config.yaml plus the
+    overrides that may change on resume (others are refused, naming them)."""
+    overrides = _overrides(args, extra)
+    if not getattr(args, "resume", False):
+        return load_config(args.config or args.default_config, overrides)
+    if not args.output:
+        raise ConfigError("--resume needs --output RUN: the run folder to continue")
+    saved_path = Path(args.output) / "config.yaml"
+    if not saved_path.is_file():
+        raise ConfigError(f"--resume: {saved_path} not found ({args.output} holds no run to continue; "
+                          "start one without --resume)")
+    if args.config:
+        raise ConfigError(f"--resume continues {args.output} with its saved config.yaml: drop --config")
+    saved = load_config(saved_path)
+    cfg = saved.replace(overrides)
+    before, after = flatten(saved), flatten(cfg)
+    changed = [k for k in after if before.get(k) != after[k] and k not in RESUMABLE_KEYS]
+    if changed:
+        what = ", ".join(f"{k}={after[k]!r} (saved: {before.get(k)!r})" for k in changed)
+        raise ConfigError(f"--resume continues {args.output} as it was configured; {what} would change the run. "
+                          f"Only {', '.join(RESUMABLE_KEYS)} may change on resume: start a new run for the rest")
+    return cfg
+
+
+def ensure_data(cfg: Config, accelerator=None) -> str:
+    """cfg.data.root, checked (and prepared when it is missing: from data.source, or downloaded for the default
+    folder only). Under several processes the main process does it first; the others then only check."""
+    from .data import is_url
+    from .prepare import ensure_prepared
+
+    d = cfg.data
+    if is_url(d.root):
+        return d.root
+    download = d.download and Path(d.root) == Path(DEFAULT_DATA_ROOT)
+
+    def check():
+        ensure_prepared(Path(d.root), source=d.source, download=download)
+
+    if accelerator is None:
+        check()
+    else:
+        with accelerator.main_process_first():
+            check()
+    return d.root
+
+
+def claim_output(folder: str, args: argparse.Namespace, *, what: str = "run", is_main: bool = True,
+                 say=print) -> Tuple[Path, object]:
+    """The output folder of this run, locked (tinycnn.runs.claim_folder); under several processes the main
+    process claims it and the others learn which one (a fresh name may have been chosen)."""
+    from .runs import claim_folder
+
+    lock = None
+    chosen = [None]
+    if is_main:
+        path, lock = claim_folder(folder, resume=getattr(args, "resume", False), overwrite=args.overwrite,
+                                  what=what, say=say)
+        chosen = [str(path)]
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from accelerate.utils import broadcast_object_list
+        broadcast_object_list(chosen, from_process=0)
+    return Path(chosen[0]), lock
+
+
+def release_output(folder: Path, lock):
+    """Release the output folder's lock; a folder left without results (a run that failed before writing
+    anything) is removed, so no empty folder stays behind."""
+    from .runs import LOCK_NAME, holds_results
+
+    if lock is None:
+        return
+    lock.release()
+    if not holds_results(folder):
+        (folder / LOCK_NAME).unlink(missing_ok=True)
+        try:
+            folder.rmdir()
+        except OSError:
+            pass
+
+
+def run_main(fn) -> int:
+    """Run a recipe's main: print known errors in one red line instead of a traceback, exit 2
+    (TINYCNN_TRACEBACK=1 shows the traceback)."""
+    from rich.console import Console
+    from rich.markup import escape
+
+    from .prepare import PrepareError
+
+    try:
+        return fn() or 0
+    except KeyboardInterrupt:
+        Console(stderr=True).print("[red]interrupted[/red]")
+        return 130
+    except (ConfigError, PrepareError, FileNotFoundError, KeyError, ValueError, RuntimeError, MemoryError) as e:
+        if os.environ.get("TINYCNN_TRACEBACK") or getattr(sys, "_tinycnn_traceback", False):
+            raise
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+        Console(stderr=True, soft_wrap=True).print(f"[bold red]error:[/bold red] {escape(str(msg))}", highlight=False)
+        return 2
+
+
+def die_with_launcher():
+    """Get SIGTERM when the parent process dies (Linux): `accelerate launch` and torchrun die on SIGTERM
+    without passing it on, which left the trainer orphaned and training. Our SIGTERM handler then saves
+    resumable state and stops. The setting survives the exec into torchrun (relaunch_multi_cpu)."""
+    if not sys.platform.startswith("linux"):
+        return
+    PR_SET_PDEATHSIG = 1
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() == 1:  # the launcher died before the call above
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _accelerate_cpu_processes() -> int:
+    """N when this process was started by `accelerate launch --cpu --num_processes N` (N > 1), else 1."""
+    if os.environ.get("ACCELERATE_USE_CPU", "").lower() != "true" or "WORLD_SIZE" in os.environ:
+        return 1
+    try:
+        with open(f"/proc/{os.getppid()}/cmdline", "rb") as f:
+            parent = [a.decode(errors="replace") for a in f.read().split(b"\0") if a]
+    except OSError:
+        return 1
+    if not any("accelerate" in a for a in parent[:4]):
+        return 1
+    for i, a in enumerate(parent):
+        if a in ("--num_processes", "--num-processes") and i + 1 < len(parent):
+            return int(parent[i + 1])
+        if a.startswith(("--num_processes=", "--num-processes=")):
+            return int(a.split("=", 1)[1])
+    return 1
+
+
+def relaunch_multi_cpu():
+    """Make `accelerate launch --num_processes N --cpu script.py` run N processes.
+
+    accelerate's launcher runs a --cpu job as ONE process whatever --num_processes says (its multi-CPU
+    path needs mpirun). Here the script re-executes itself under torchrun with N processes on one
+    machine; accelerate then sees MULTI_CPU and uses gloo. Other launches are left alone.
+    """
+    die_with_launcher()
+    n = _accelerate_cpu_processes()
+    if n <= 1:
+        return
+    print(f"accelerate launch --cpu starts one process; starting {n} CPU processes (gloo) with torchrun",
+          file=sys.stderr)
+    os.execv(sys.executable, [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                              "--nproc_per_node", str(n), *sys.argv])
