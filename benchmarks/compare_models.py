@@ -24,11 +24,11 @@ sys.path.insert(0, str(REPO))
 import timm  # noqa: E402
 
 import tinycnn  # noqa: E402,F401  (registers the models)
-from tinycnn.augment import GPUAugment  # noqa: E402
 from tinycnn.config import load_config, parse_value  # noqa: E402
 from tinycnn.data import build_loader  # noqa: E402
+from tinycnn.plan import RunPlan, build_augment, build_optimizer  # noqa: E402
 from tinycnn.step import TrainStep  # noqa: E402
-from tinycnn import train as train_module  # noqa: E402
+from tinycnn.train import train  # noqa: E402
 
 
 def parse_model(spec: str):
@@ -55,8 +55,9 @@ def macs_per_image(model: torch.nn.Module) -> float:
 
 def train_step_rate(model, cfg, images, labels, batch: int, seconds: float = 6.0) -> float:
     """Images/s of the library's train step (augment -> forward -> loss -> backward -> AdamW), best of 3."""
-    optimizer = train_module.build_optimizer(model, cfg["train"]["optimizer"], torch.device("cpu"))
-    step = TrainStep(model.train(), optimizer, augment=GPUAugment(), label_smoothing=cfg["train"]["label_smoothing"])
+    plan = RunPlan.from_config(cfg)
+    step = TrainStep(model.train(), build_optimizer(model, cfg.train.optimizer, plan),
+                     augment=build_augment(cfg, plan, model), label_smoothing=plan.label_smoothing)
     x, y = images[:batch], labels[:batch]
     step(x, y)  # warm-up
     best = 0.0
@@ -69,33 +70,13 @@ def train_step_rate(model, cfg, images, labels, batch: int, seconds: float = 6.0
     return best
 
 
-def _any_timm_model():
-    """Let tinycnn.train.train run any timm model, as `model=` in the config is meant to (issue "Runs never
-    lose work"); a no-op once main's build_model takes non-tinycnn models itself."""
-    from tinycnn.model import TinyCNN
-    from tinycnn.weights import save_model, unwrap_model
-
-    build = train_module.build_model
-
-    def build_model(cfg, num_classes):
-        if cfg["model"].startswith("tinycnn"):
-            return build(cfg, num_classes)
-        return timm.create_model(cfg["model"], num_classes=num_classes, drop_rate=cfg["drop_rate"])
-
-    def save_tinycnn(model, path, **kwargs):  # save_model writes TinyCNN weights only; the table needs none
-        if isinstance(unwrap_model(model), TinyCNN):
-            save_model(model, path, **kwargs)
-
-    train_module.build_model, train_module.save_model = build_model, save_tinycnn
-
-
-def train_run(name: str, kwargs, cfg, data: Path, out: Path, epochs: int):
+def train_run(name: str, kwargs, config: str, data: Path, out: Path, epochs: int):
     """tinycnn.train.train with `name` as the model; returns (summary, wall seconds)."""
     overrides = [f"data.root={data}", f"train.epochs={epochs}", f"model={name}"]
     overrides += [f"{k}={json.dumps(v)}" for k, v in kwargs.items()]
-    run_cfg = load_config(cfg["_path"], overrides)
+    run_cfg = load_config(config, overrides)
     t0 = time.perf_counter()
-    summary = train_module.train(run_cfg, out, progress=False)
+    summary = train(run_cfg, out, progress=False)
     return summary, time.perf_counter() - t0
 
 
@@ -110,9 +91,7 @@ def main():
     parser.add_argument("--no-train", action="store_true", help="parameters and images/s only")
     args = parser.parse_args()
 
-    _any_timm_model()
     cfg = load_config(args.config, [f"data.root={args.data}"])
-    cfg["_path"] = args.config
     loader = build_loader(args.data, "train", batch_size=128, train=False, num_workers=0)
     images, labels = next(iter(loader))
     num_classes = len(json.loads((Path(args.data) / "manifest.json").read_text())["classes"])
@@ -124,7 +103,7 @@ def main():
                "img_s_b64": train_step_rate(model, cfg, images, labels, 64),
                "img_s_b128": train_step_rate(create(name, kwargs, num_classes), cfg, images, labels, 128)}
         if not args.no_train:
-            summary, wall = train_run(name, kwargs, cfg, Path(args.data), Path(args.out) / spec.replace(":", "_"),
+            summary, wall = train_run(name, kwargs, args.config, Path(args.data), Path(args.out) / spec.replace(":", "_"),
                                       args.epochs)
             best = max(summary["history"], key=lambda h: h.get("val/accuracy", -1))
             row.update(top1=best.get("val/accuracy"), top5=best.get("val/top5"), epochs=args.epochs, wall_s=wall,

@@ -137,9 +137,10 @@ def test_folder_errors(odd_weights, tmp_path):
         load_model(empty)
     foreign = tmp_path / "foreign"
     foreign.mkdir()
-    (foreign / "config.json").write_text(json.dumps({"architecture": "resnet10t", "num_classes": 10,
+    (foreign / "config.json").write_text(json.dumps({"architecture": "not_a_model", "num_classes": 10,
                                                      "pretrained_cfg": {}}))
-    with pytest.raises(WeightsError, match=r"holds a resnet10t model, not tinycnn: load it with timm.create_model"):
+    (foreign / "model.safetensors").write_bytes(b"")
+    with pytest.raises(WeightsError, match="holds a not_a_model model, which timm does not know: import the package"):
         load_model(foreign)
     (foreign / "config.json").write_text("{not json")
     with pytest.raises(WeightsError, match="not a timm model config"):
@@ -150,6 +151,24 @@ def test_folder_errors(odd_weights, tmp_path):
     (out / "model.safetensors").unlink()
     with pytest.raises(WeightsError, match="no model.safetensors in the folder"):
         load_model(out)
+
+
+def test_other_timm_models_save_load_and_export(tmp_path):
+    # model=<any timm model> in a run config: its weights are saved, evaluated and exported like tinycnn's
+    torch.manual_seed(3)
+    model = timm.create_model("resnet10t", num_classes=10, pretrained_cfg_overlay=dict(mean=MEAN, std=STD)).eval()
+    path = save_model(model, tmp_path / "r.safetensors", classes=WNIDS)
+    meta = read_metadata(path)
+    assert meta["architecture"] == "resnet10t" and meta["num_classes"] == 10 and "stage_channels" not in meta
+    out = export_hub(path, tmp_path / "hub")
+    exported = read_metadata(out)
+    assert exported.pop("model_args") == {"global_pool": "avg"}  # timm records the pooling it exports
+    assert exported == {k: v for k, v in meta.items() if k != "model_args"}
+    for loaded in (load_model(path), load_model(out), timm.create_model(f"local-dir:{out}", pretrained=True)):
+        loaded.eval()
+        assert type(loaded) is type(model) and torch.equal(loaded(_inputs()), model(_inputs()))
+        assert list(loaded.pretrained_cfg["label_names"]) == WNIDS
+        assert tuple(loaded.pretrained_cfg["mean"]) == pytest.approx(MEAN)
 
 
 class FakeHfApi:

@@ -32,7 +32,9 @@ def _require_hf_hub():
 def _hub_description(meta: Dict[str, Any]) -> Tuple[Dict[str, Any], Dict[str, Any]]:
     """(model_config, model_args) for timm's save_for_hf, from read_metadata's dict."""
     # explicit, so models built without timm.create_model (no recorded factory args) export the same
-    model_args = {k: meta[k] for k in ("stage_channels", "stage_repeats", "num_classes", "in_chans")}
+    architecture = (meta["model_args"] if "model_args" in meta
+                    else {k: meta[k] for k in ("stage_channels", "stage_repeats")})
+    model_args = {**architecture, "num_classes": meta["num_classes"], "in_chans": meta["in_chans"]}
     model_config: Dict[str, Any] = {"tinycnn": {"version": meta.get("tinycnn_version"), "extra": meta.get("extra") or {}}}
     if meta.get("classes"):
         model_config["label_names"] = list(meta["classes"])
@@ -45,8 +47,8 @@ def _model_card(meta: Dict[str, Any], num_params: int, repo_id: str) -> Dict[str
     """What timm's generate_readme puts in the pushed README.md (the model card)."""
     details = {
         "Model Type": "Image classification",
-        "Architecture": f"{meta['architecture']}: channels {meta['stage_channels']}, "
-                        f"blocks per stage {meta['stage_repeats']}",
+        "Architecture": (f"{meta['architecture']}: channels {meta['stage_channels']}, blocks per stage "
+                         f"{meta['stage_repeats']}" if "stage_channels" in meta else meta["architecture"]),
         "Params (M)": round(num_params / 1e6, 3),
         "Image size": "x".join(str(s) for s in meta["input_size"][1:]),
         "Classes": meta["num_classes"],

@@ -1,6 +1,7 @@
 """Self-describing safetensors weights.
 
-`save_model` writes the state dict plus metadata (architecture, class wnids, normalization) so that
+`save_model` writes the state dict plus metadata (architecture, class wnids, normalization) of a tinycnn
+model or any other timm model (`model=resnet10t` in a run config), so that
 `load_model(path)` rebuilds the model from the file alone. `load_model` and `read_metadata` also read
 the folder `tinycnn-export` writes (timm's Hugging Face layout: config.json + model.safetensors), which
 timm loads by itself: `timm.create_model('local-dir:DIR', pretrained=True)` (see tinycnn/hub.py).
@@ -66,24 +67,25 @@ def save_model(
 ) -> Path:
     """Write `model`'s weights and a description of it to a `.safetensors` file (atomically).
 
-    classes: the wnid of each output index, when known; class_names: their human-readable names.
-    extra: JSON-serializable facts to keep with the weights (epoch, accuracy, ...).
+    model: a tinycnn model, or any timm model made by timm.create_model (rebuilt from its name and the
+    arguments timm recorded). classes: the wnid of each output index, when known; class_names: their
+    human-readable names. extra: JSON-serializable facts to keep with the weights (epoch, accuracy, ...).
     """
     model = unwrap_model(model)
-    if not isinstance(model, TinyCNN):
-        raise WeightsError(f"save_model writes TinyCNN models, got {type(model).__name__}")
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    if not isinstance(model, TinyCNN) and "architecture" not in cfg:
+        raise WeightsError(f"save_model writes timm models (made by timm.create_model), got {type(model).__name__}")
     if classes is not None and len(classes) != model.num_classes:
         raise WeightsError(f"{len(classes)} class names for a model with {model.num_classes} outputs")
-    cfg = getattr(model, "pretrained_cfg", None) or {}
+    in_chans = cfg.get("input_size", (3,))[0]
     meta = {
         "architecture": cfg.get("architecture", "tinycnn"),
-        "stage_channels": list(model.stage_channels),
-        "stage_repeats": list(model.stage_repeats),
+        **_architecture_args(model),
         "num_classes": model.num_classes,
-        "in_chans": model.in_chans,
+        "in_chans": getattr(model, "in_chans", in_chans),
         "mean": list(cfg.get("mean", (0.485, 0.456, 0.406))),
         "std": list(cfg.get("std", (0.229, 0.224, 0.225))),
-        "input_size": list(cfg.get("input_size", (model.in_chans, 64, 64))),
+        "input_size": list(cfg.get("input_size", (in_chans, 64, 64))),
         "classes": list(classes) if classes is not None else None,
         "class_names": list(class_names) if class_names is not None else None,
         "extra": extra or {},
@@ -93,6 +95,22 @@ def save_model(
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     metadata = {"format": "pt", METADATA_KEY: json.dumps(meta)}
     return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+
+
+def _architecture_args(model: nn.Module) -> Dict[str, Any]:
+    """What rebuilds the architecture besides its name, num_classes and in_chans: tinycnn's widths and
+    depths, or the (JSON) arguments timm.create_model recorded for another timm model."""
+    if isinstance(model, TinyCNN):
+        return {"stage_channels": list(model.stage_channels), "stage_repeats": list(model.stage_repeats)}
+    skip = {"num_classes", "in_chans", "pretrained_cfg", "pretrained_cfg_overlay", "drop_rate", "drop_path_rate"}
+    args = {}
+    for k, v in getattr(model, "_model_args", {}).items():
+        try:
+            if k not in skip:
+                args[k] = json.loads(json.dumps(v))
+        except (TypeError, ValueError):
+            raise WeightsError(f"save_model cannot describe the model argument {k}={v!r} (not JSON)") from None
+    return {"model_args": args}
 
 
 def read_metadata(path: Union[str, Path]) -> Dict[str, Any]:
@@ -125,22 +143,23 @@ def _read_folder_metadata(folder: Path) -> Dict[str, Any]:
         arch, pretrained_cfg = cfg["architecture"], cfg["pretrained_cfg"]
     except (ValueError, KeyError, TypeError) as e:
         raise WeightsError(f"{config_file}: not a timm model config ({e!r})") from None
-    if not str(arch).startswith("tinycnn"):
-        raise WeightsError(f"{folder} holds a {arch} model, not tinycnn: load it with "
-                           f"timm.create_model('local-dir:{folder}', pretrained=True)")
     args = dict(cfg.get("model_args") or {})
-    if "stage_channels" not in args or "stage_repeats" not in args:  # a named variant exported without them
+    tinycnn = str(arch).startswith("tinycnn")
+    if tinycnn and ("stage_channels" not in args or "stage_repeats" not in args):  # a variant exported without them
         import timm
         model = timm.create_model(arch, **{k: v for k, v in args.items() if k != "num_classes"}, num_classes=0)
         args = {"stage_channels": model.stage_channels, "stage_repeats": model.stage_repeats, **args}
+    if tinycnn:
+        architecture = {"stage_channels": list(args["stage_channels"]), "stage_repeats": list(args["stage_repeats"])}
+    else:
+        architecture = {"model_args": {k: v for k, v in args.items() if k not in ("num_classes", "in_chans")}}
     classes = cfg.get("label_names") or pretrained_cfg.get("label_names")
     descriptions = cfg.get("label_descriptions") or pretrained_cfg.get("label_descriptions") or {}
     input_size = list(pretrained_cfg.get("input_size", (3, 64, 64)))
     about = cfg.get(METADATA_KEY) or {}
     return {
         "architecture": arch,
-        "stage_channels": list(args["stage_channels"]),
-        "stage_repeats": list(args["stage_repeats"]),
+        **architecture,
         "num_classes": cfg.get("num_classes", pretrained_cfg.get("num_classes")),
         "in_chans": args.get("in_chans", input_size[0]),
         "mean": list(pretrained_cfg.get("mean", (0.485, 0.456, 0.406))),
@@ -169,7 +188,7 @@ def load_model(
         num_classes: Optional[int] = None,
         device: Union[str, torch.device] = "cpu",
         **kwargs,
-) -> TinyCNN:
+) -> nn.Module:
     """Rebuild the model described by a tinycnn weights file (or exported model folder) and load its weights.
 
     num_classes: when given, must match the file (a clear error otherwise). kwargs go to
@@ -187,9 +206,18 @@ def load_model(
         overlay["label_names"] = tuple(meta["classes"])
     if meta.get("class_names"):
         overlay["label_descriptions"] = dict(zip(meta.get("classes") or (), meta["class_names"]))
-    model = timm.create_model(
-        "tinycnn", pretrained=False, stage_channels=meta["stage_channels"], stage_repeats=meta["stage_repeats"],
-        num_classes=meta["num_classes"], in_chans=meta["in_chans"], pretrained_cfg_overlay=overlay, **kwargs)
+    if "stage_channels" in meta:  # tinycnn: the widths and depths make any variant
+        name, args = "tinycnn", {"stage_channels": meta["stage_channels"], "stage_repeats": meta["stage_repeats"]}
+    else:
+        name, args = meta["architecture"], meta.get("model_args") or {}
+    try:
+        model = timm.create_model(name, pretrained=False, num_classes=meta["num_classes"], in_chans=meta["in_chans"],
+                                  pretrained_cfg_overlay=overlay, **args, **kwargs)
+    except RuntimeError as e:
+        if not str(e).startswith("Unknown model"):
+            raise
+        raise WeightsError(f"{path} holds a {name} model, which timm does not know: import the package "
+                           "that registers it first") from None
     model.pretrained_cfg["architecture"] = meta["architecture"]
     state = load_file(str(_weights_file(Path(path))), device="cpu")
     missing, unexpected = model.load_state_dict(state, strict=False)
