@@ -73,6 +73,8 @@ def train_step_rate(model, cfg, images, labels, batch: int, seconds: float = 6.0
 def train_run(name: str, kwargs, config: str, data: Path, out: Path, epochs: int):
     """tinycnn.train.train with `name` as the model; returns (summary, wall seconds)."""
     overrides = [f"data.root={data}", f"train.epochs={epochs}", f"model={name}"]
+    # the config's widths/depths would apply to every tinycnn name: null = the named variant's own
+    overrides += ["stage_channels=null", "stage_repeats=null"]
     overrides += [f"{k}={json.dumps(v)}" for k, v in kwargs.items()]
     run_cfg = load_config(config, overrides)
     t0 = time.perf_counter()

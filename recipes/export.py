@@ -24,7 +24,7 @@ from tinycnn.recipe import run_main  # noqa: E402
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("weights", help="a .safetensors file written by tinycnn (or an exported folder)")
-    parser.add_argument("--out", help="folder to write (replaced if it holds an earlier export)")
+    parser.add_argument("--out", metavar="DIR", help="folder to write (replaced if it holds an earlier export)")
     parser.add_argument("--push", metavar="REPO_ID", help="push to this Hugging Face Hub repository (user/name)")
     parser.add_argument("--private", action="store_true", help="create the --push repository as private")
     args = parser.parse_args()
@@ -42,10 +42,10 @@ def main() -> int:
             url = push_hub(args.weights, args.push, private=args.private)
         except WeightsError:
             raise
-        except Exception as e:  # huggingface_hub's and httpx's errors: no token, no rights, no network
+        except Exception as e:  # huggingface_hub's and httpx's errors: bad repo id, no token, no rights, no network
             first_line = (str(e).splitlines() or [""])[0]
-            raise WeightsError(f"pushing to {args.push} failed: {type(e).__name__}: {first_line} "
-                               "(check the network; log in with `hf auth login` or set HF_TOKEN)") from e
+            hint = "" if isinstance(e, ValueError) else " (check the network; log in with `hf auth login` or set HF_TOKEN)"
+            raise WeightsError(f"pushing to {args.push} failed: {type(e).__name__}: {first_line}{hint}") from e
         print(f"pushed {url}: timm.create_model('hf-hub:{args.push}', pretrained=True) after `import tinycnn`")
     return 0
 

@@ -245,9 +245,10 @@ def test_cli_needs_out_or_push(odd_weights, monkeypatch, capsys):
     assert stopped.value.code == 2 and "give --out DIR, --push REPO_ID, or both" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("error", [ConnectionError("[Errno -2] Name or service not known"),
-                                   RuntimeError("401 Client Error: Unauthorized\nmore details")])
-def test_cli_push_failure_is_one_line(odd_weights, monkeypatch, capsys, error):
+@pytest.mark.parametrize("error,hint", [(ConnectionError("[Errno -2] Name or service not known"), True),
+                                        (RuntimeError("401 Client Error: Unauthorized\nmore details"), True),
+                                        (ValueError("Repo id must use alphanumeric chars"), False)])
+def test_cli_push_failure_is_one_line(odd_weights, monkeypatch, capsys, error, hint):
     class Offline(FakeHfApi):
         def create_repo(self, *args, **kwargs):
             raise error
@@ -257,4 +258,4 @@ def test_cli_push_failure_is_one_line(odd_weights, monkeypatch, capsys, error):
     code, out = _run_cli(monkeypatch, capsys, path, "--push", "someone/x")
     err = out.err
     assert code == 2 and err.count("\n") == 1 and f"pushing to someone/x failed: {type(error).__name__}" in err
-    assert str(error).splitlines()[0] in err and "hf auth login" in err
+    assert str(error).splitlines()[0] in err and ("hf auth login" in err) == hint
