@@ -153,6 +153,19 @@ def test_folder_errors(odd_weights, tmp_path):
         load_model(out)
 
 
+def test_load_model_reads_a_folder_timm_wrote_for_a_named_variant(tmp_path):
+    # timm's own save_for_hf on tinycnn_narrow records no widths/depths: the variant's name says them
+    from timm.models import save_for_hf
+
+    torch.manual_seed(4)
+    model = timm.create_model("tinycnn_narrow", num_classes=10).eval()
+    save_for_hf(model, tmp_path, safe_serialization=True)
+    assert "stage_channels" not in json.loads((tmp_path / "config.json").read_text()).get("model_args", {})
+    meta = read_metadata(tmp_path)
+    assert meta["stage_channels"] == [48, 96, 192] and meta["stage_repeats"] == [2, 2, 2]
+    assert torch.equal(load_model(tmp_path).eval()(_inputs()), model(_inputs()))
+
+
 def test_other_timm_models_save_load_and_export(tmp_path):
     # model=<any timm model> in a run config: its weights are saved, evaluated and exported like tinycnn's
     torch.manual_seed(3)

@@ -104,10 +104,11 @@ def _architecture_args(model: nn.Module) -> Dict[str, Any]:
         return {"stage_channels": list(model.stage_channels), "stage_repeats": list(model.stage_repeats)}
     skip = {"num_classes", "in_chans", "pretrained_cfg", "pretrained_cfg_overlay", "drop_rate", "drop_path_rate"}
     args = {}
-    for k, v in getattr(model, "_model_args", {}).items():
+    for k, v in getattr(model, "_model_args", {}).items():  # what timm.create_model was given
+        if k in skip:
+            continue
         try:
-            if k not in skip:
-                args[k] = json.loads(json.dumps(v))
+            args[k] = json.loads(json.dumps(v))
         except (TypeError, ValueError):
             raise WeightsError(f"save_model cannot describe the model argument {k}={v!r} (not JSON)") from None
     return {"model_args": args}
@@ -144,15 +145,14 @@ def _read_folder_metadata(folder: Path) -> Dict[str, Any]:
     except (ValueError, KeyError, TypeError) as e:
         raise WeightsError(f"{config_file}: not a timm model config ({e!r})") from None
     args = dict(cfg.get("model_args") or {})
-    tinycnn = str(arch).startswith("tinycnn")
-    if tinycnn and ("stage_channels" not in args or "stage_repeats" not in args):  # a variant exported without them
-        import timm
-        model = timm.create_model(arch, **{k: v for k, v in args.items() if k != "num_classes"}, num_classes=0)
-        args = {"stage_channels": model.stage_channels, "stage_repeats": model.stage_repeats, **args}
-    if tinycnn:
-        architecture = {"stage_channels": list(args["stage_channels"]), "stage_repeats": list(args["stage_repeats"])}
-    else:
+    if not str(arch).startswith("tinycnn"):
         architecture = {"model_args": {k: v for k, v in args.items() if k not in ("num_classes", "in_chans")}}
+    else:
+        if "stage_channels" not in args or "stage_repeats" not in args:  # a named variant exported without them
+            import timm
+            model = timm.create_model(arch, **{k: v for k, v in args.items() if k != "num_classes"}, num_classes=0)
+            args = {"stage_channels": model.stage_channels, "stage_repeats": model.stage_repeats, **args}
+        architecture = {"stage_channels": list(args["stage_channels"]), "stage_repeats": list(args["stage_repeats"])}
     classes = cfg.get("label_names") or pretrained_cfg.get("label_names")
     descriptions = cfg.get("label_descriptions") or pretrained_cfg.get("label_descriptions") or {}
     input_size = list(pretrained_cfg.get("input_size", (3, 64, 64)))
@@ -212,7 +212,7 @@ def load_model(
         name, args = meta["architecture"], meta.get("model_args") or {}
     try:
         model = timm.create_model(name, pretrained=False, num_classes=meta["num_classes"], in_chans=meta["in_chans"],
-                                  pretrained_cfg_overlay=overlay, **args, **kwargs)
+                                  pretrained_cfg_overlay=overlay, **{**args, **kwargs})
     except RuntimeError as e:
         if not str(e).startswith("Unknown model"):
             raise
