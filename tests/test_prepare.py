@@ -23,7 +23,8 @@ from PIL import Image
 from torchvision.io import ImageReadMode, decode_jpeg
 
 import tinycnn
-from tinycnn.prepare import PrepareError, _check_jpeg, download, ensure_prepared, is_prepared, main, prepare
+from tinycnn.prepare import PrepareError, download, ensure_prepared, is_prepared, main, prepare
+from tinycnn.prepare.check import check_jpeg
 
 REPO = Path(__file__).resolve().parents[1]
 TOP = "tiny-imagenet-200/"
@@ -545,10 +546,10 @@ def test_parquet_without_paths_and_without_pyarrow(tmp_path, monkeypatch):
 
 def test_check_jpeg_catches_truncation():
     data = jpeg((10, 200, 90))
-    assert _check_jpeg(data) == 3 and _check_jpeg(jpeg(0, mode="L")) == 1
+    assert check_jpeg(data) == 3 and check_jpeg(jpeg(0, mode="L")) == 1
     for cut in (len(data) // 2, len(data) - 1, len(data) - 2, 300):
-        assert "truncated" in _check_jpeg(data[:cut])
-    assert "does not decode" in _check_jpeg(data[:2] + b"\0" * 200 + b"\xff\xd9")
+        assert "truncated" in check_jpeg(data[:cut])
+    assert "does not decode" in check_jpeg(data[:2] + b"\0" * 200 + b"\xff\xd9")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -970,7 +971,7 @@ def test_workers_without_pdeathsig_exit_when_orphaned():
     # the fallback where PR_SET_PDEATHSIG does not exist (macOS...): a worker B whose parent A dies
     if not hasattr(os, "fork") or not Path("/proc").is_dir():
         pytest.skip("needs fork and /proc")
-    from tinycnn.prepare import _exit_when_orphaned
+    from tinycnn.prepare.check import _exit_when_orphaned
     r, w = os.pipe()
     a = os.fork()
     if a == 0:
