@@ -405,6 +405,8 @@ def test_cuda_prefetcher_matches_the_host_batches_without_host_syncs(tmp_path):
     root = make_shards(tmp_path / "s", num_samples=60, num_shards=3)
     host = list(build_loader(root, "train", batch_size=8, train=False, num_workers=0))
     prefetcher = DevicePrefetcher(build_loader(root, "train", batch_size=8, train=False, num_workers=1), "cuda")
+    list(prefetcher)  # CUDA, the workers and the pinned-memory pool start outside the checked epoch
+    prefetcher.ready = prefetcher.served = 0
     torch.cuda.set_sync_debug_mode("error")
     try:
         got = [(x.clone(), y.clone()) for x, y in prefetcher]  # clone on the compute stream: uses the copies
@@ -421,6 +423,7 @@ def test_cuda_device_resident_epochs_without_host_syncs(tmp_path):
     root = make_shards(tmp_path / "s", num_samples=50, num_shards=3)
     base = build_loader(root, "train", batch_size=8, train=False, num_workers=0, pin_memory=True)
     resident = DeviceResidentLoader(base, "cuda", num_batches=8, batch_size=8, seed=0)
+    torch.zeros(1, device="cuda").sum().item()  # CUDA starts outside the checked epochs
     torch.cuda.set_sync_debug_mode("error")
     try:
         for epoch in range(2):

@@ -63,8 +63,9 @@ _MIB = 1 << 20
 _OFFICIAL_MB = 248      # size of the official zip, said before downloading it
 
 
-class PrepareError(Exception):
-    """Bad input or environment; the message says what is wrong and where."""
+class PrepareError(ValueError):
+    """Bad input or environment; the message says what is wrong and where (a ValueError: the recipes
+    print it as one line)."""
 
 
 @dataclass
@@ -330,13 +331,22 @@ def _check_jpegs(blobs: List[bytes]) -> list:
 
 
 def _die_with_parent(parent: int):
-    """Linux: the kernel kills this process when its parent dies, even by SIGKILL (no orphaned workers)."""
+    """End this worker when its parent dies, even by SIGKILL (no orphaned workers): on Linux the kernel
+    kills it (PR_SET_PDEATHSIG); elsewhere a thread notices that the parent changed."""
     if sys.platform.startswith("linux"):
         import ctypes
         pr_set_pdeathsig = 1
         ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
-    if os.getppid() != parent:  # the parent died before prctl took effect
+    else:
+        threading.Thread(target=_exit_when_orphaned, args=(parent,), daemon=True).start()
+    if os.getppid() != parent:  # the parent died before this took effect
         os._exit(1)
+
+
+def _exit_when_orphaned(parent: int, every: float = 0.5):
+    while os.getppid() == parent:
+        time.sleep(every)
+    os._exit(1)
 
 
 def _init_worker(parent: int):
@@ -662,8 +672,8 @@ def _source_mismatch(manifest: dict, source) -> Optional[str]:
     path = Path(source).expanduser().resolve()
     made_from = f"{recorded.get('path')} ({recorded.get('kind')}, {recorded.get('size', '?')} bytes)"
     if "fingerprint" not in recorded:  # shards from before fingerprints: the path is all we have
-        if str(path) == recorded.get("path"):
-            return None
+        if not recorded.get("path") or str(path) == recorded.get("path"):
+            return None  # nothing recorded at all (a manifest written by hand): nothing to compare
         return f"made from {made_from}, not from {path} (compared by path: these shards record no fingerprint)"
     if not path.exists():
         # the source deleted after preparing is fine; a different path that does not exist is a typo
@@ -969,8 +979,8 @@ def ensure_prepared(out, *, source=None, download: bool = False, url: str = DEFA
                                f"`tinycnn-prepare {source} --out {out} --force`, or choose another folder "
                                "with --data")
         if source is not None and "fingerprint" not in manifest.get("source", {}):
-            warnings.warn(f"{out} records no source fingerprint (made by an older tinycnn-prepare): "
-                          "checked data.source by path only")
+            warnings.warn(f"{out} records no source fingerprint (made by an older tinycnn-prepare, or by hand): "
+                          "data.source was checked by path only")
         return out
     if source is None:
         if not download:

@@ -221,7 +221,7 @@ def train(cfg: Config, output: Path, *, resume: bool = False, accelerator: Optio
     if stop_reason.startswith("loss is"):
         raise TrainingStopped(f"{stop_reason}: stopping (lower train.optimizer.lr or set train.grad_clip=1.0). "
                               f"The best checkpoint so far is kept in {output}")
-    raise TrainingStopped(f"stopped by {stop_reason} at step {state['step']}; resumable state saved in "
+    raise TrainingStopped(f"{stop_reason} at step {state['step']}; resumable state saved in "
                           f"{output / 'state'} (continue with --resume --output {output})")
 
 
