@@ -419,7 +419,7 @@ class ShardLoader:
             self.num_batches = num_samples // (stream.batch_size * stream.world_size)
             if self.num_batches == 0:
                 raise ValueError(f"{num_samples} samples make no full batch of {stream.batch_size} "
-                                 f"on each of {stream.world_size} processes: lower the batch size")
+                                 f"on each of {stream.world_size} processes: lower the batch size (train.batch_size)")
         else:
             workers = max(1, num_workers)
             parts = [split_shards(stream.shards, stream.rank * workers + w, stream.world_size * workers)
