@@ -24,6 +24,7 @@ _MIB = 1 << 20
 
 @dataclass
 class Item:
+    """One source image on its way to a shard; a set `error` is why it is refused."""
     key: str                    # WebDataset __key__: the source image's stem
     file: str                   # where it came from, for messages and manifest["skipped"]
     origin: str                 # official split: "train", "val" (labeled) or "test" (unlabeled)
@@ -36,6 +37,7 @@ class Item:
 
 @dataclass
 class Source:
+    """An opened source: its classes and a single pass over its images."""
     kind: str                   # "zip" | "folder" | "parquet"
     path: Path
     wnids: Optional[List[str]]  # None: the wnids present in the train images (parquet)
