@@ -4,7 +4,12 @@ Set TINYCNN_SAMPLE_DATA to the folder holding `tiny-imagenet-200-sample.zip` and
 `tiny-imagenet-hf-sample/`; .ci/run sets it to ../shared/data. Without it, tests look at
 ../shared/data beside the checkout and skip with a reason when it is not there.
 """
+import contextlib
+import importlib.util
+import io
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -47,3 +52,37 @@ def sample_shards(sample_zip, tmp_path_factory):
     out = tmp_path_factory.mktemp("shards") / "tiny-sample"
     prepare(sample_zip, out)
     return out
+
+
+@pytest.fixture(scope="session")
+def run_recipe():
+    """`run_recipe(name, *args)` runs recipes/NAME.py in this process as its command line does (argv, run_main's
+    one-line errors, exit code) and returns a CompletedProcess with what it printed. For tests where no process
+    boundary is under test: it saves a fresh interpreter (seconds of imports) per run."""
+    return _run_recipe
+
+
+def load_recipe(name):
+    """recipes/NAME.py as a module, loaded from the checkout's file as `python recipes/NAME.py` loads it."""
+    spec = importlib.util.spec_from_file_location(f"recipe_{name}", REPO / "recipes" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _run_recipe(name, *args):
+    from tinycnn import recipe
+
+    argv = [f"recipes/{name}.py", *map(str, args)]
+    out, err = io.StringIO(), io.StringIO()
+    with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        mp.setattr(sys, "argv", argv)
+        mp.chdir(REPO)  # relative paths (recipes/configs/...) as from the checkout
+        mp.delenv("TINYCNN_TRACEBACK", raising=False)  # errors as the user sees them
+        # the parent-death signal is for a trainer under a launcher: never arm it on pytest itself
+        mp.setattr(recipe, "die_with_launcher", lambda: None)
+        try:
+            code = recipe.run_main(load_recipe(name).main)
+        except SystemExit as e:  # argparse: --help, a bad flag
+            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    return subprocess.CompletedProcess(argv, code, out.getvalue(), err.getvalue())

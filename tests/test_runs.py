@@ -95,16 +95,22 @@ def test_progress_prints_plain_lines_off_a_terminal():
 # ============================================================================= the train recipe, end to end
 
 def run_train(args, **kw):
+    """recipes/train.py in a fresh interpreter: for what needs one (resuming from the folder alone)."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     return subprocess.run([sys.executable, "recipes/train.py", *map(str, args)], capture_output=True, text=True,
                           cwd=REPO, env=env, **kw)
 
 
+def one_line(text):
+    """rich wraps long lines at 80 columns when stdout is a pipe (or a file): the text as one line."""
+    return " ".join(text.split())
+
+
 @pytest.fixture(scope="module")
-def first_run(sample_shards, tmp_path_factory):
+def first_run(sample_shards, tmp_path_factory, run_recipe):
     out = tmp_path_factory.mktemp("runs") / "tiny"
-    proc = run_train(["--data", sample_shards, "--output", out, "train.epochs=1", "train.progress_seconds=0.01",
-                      *TINY])
+    proc = run_recipe("train", "--data", sample_shards, "--output", out, "train.epochs=1",
+                      "train.progress_seconds=0.01", *TINY)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out, proc
 
@@ -112,15 +118,15 @@ def first_run(sample_shards, tmp_path_factory):
 pytestmark = pytest.mark.real_data
 
 
-def test_the_same_command_twice_keeps_both_runs(first_run, sample_shards):
+def test_the_same_command_twice_keeps_both_runs(first_run, sample_shards, run_recipe):
     out, proc = first_run
-    # stdout is a pipe here, as in a job log: plain progress lines, then the summary
+    # stdout is not a terminal here, as in a job log: plain progress lines, then the summary
     assert "epoch 1/1 step" in proc.stdout and "ETA" in proc.stdout and "best val accuracy" in proc.stdout
     before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
-    again = run_train(["--data", sample_shards, "--output", out, "train.epochs=1", "--no-progress", *TINY])
+    again = run_recipe("train", "--data", sample_shards, "--output", out, "train.epochs=1", "--no-progress", *TINY)
     assert again.returncode == 0, again.stderr[-3000:]
     second = out.with_name(out.name + "-2")
-    assert f"writing this one to {second}" in again.stdout.replace("\n", "")
+    assert f"writing this one to {second}" in one_line(again.stdout)
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before  # the first run is intact
     assert (second / "best.safetensors").is_file() and len((second / "metrics.jsonl").read_text().splitlines()) == 1
     # --no-progress: no progress lines, still the one-line summary
@@ -128,22 +134,23 @@ def test_the_same_command_twice_keeps_both_runs(first_run, sample_shards):
     assert again.stdout.strip().splitlines()[-1].startswith("best val accuracy") or "best val accuracy" in again.stdout
 
 
-def test_a_refused_config_leaves_nothing_on_disk(sample_shards, tmp_path):
+def test_a_refused_config_leaves_nothing_on_disk(sample_shards, tmp_path, run_recipe):
     for bad in ("train.label_smoothing=abc", "model=resnet10", "train.optimizer.name=lamb", "stage_channels=abc"):
-        proc = run_train(["--data", sample_shards, "--output", tmp_path / "run", bad])
+        proc = run_recipe("train", "--data", sample_shards, "--output", tmp_path / "run", bad)
         assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
         assert len(proc.stderr.strip().splitlines()) == 1 and bad.split("=")[0] in proc.stderr
         assert not (tmp_path / "run").exists()
 
 
-def test_resume_needs_only_the_folder_and_refuses_changes(first_run, sample_shards):
+def test_resume_needs_only_the_folder_and_refuses_changes(first_run, sample_shards, run_recipe):
     out, _ = first_run
-    refused = run_train(["--resume", "--output", out, "train.optimizer.lr=0.1"])
+    refused = run_recipe("train", "--resume", "--output", out, "train.optimizer.lr=0.1")
     assert refused.returncode == 2 and "train.optimizer.lr=0.1 (saved: 0.003)" in refused.stderr
     assert "train.epochs" in refused.stderr  # says what may change
-    refused = run_train(["--resume", "--output", out, "--config", "recipes/configs/original.yaml"])
+    refused = run_recipe("train", "--resume", "--output", out, "--config", "recipes/configs/original.yaml")
     assert refused.returncode == 2 and "drop --config" in refused.stderr
     metrics_before = (out / "metrics.jsonl").read_text()
+    # a fresh interpreter: nothing but the folder carries the run (config, weights, optimizer, RNG, step)
     more = run_train(["--resume", "--output", out, "train.epochs=2", "--no-progress"])  # more epochs: allowed
     assert more.returncode == 0, more.stderr[-3000:]
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -152,6 +159,7 @@ def test_resume_needs_only_the_folder_and_refuses_changes(first_run, sample_shar
 
 
 def test_sigterm_to_the_launcher_stops_the_trainer_with_state_saved(sample_shards, tmp_path):
+    # slow for a reason: the launcher and the trainer are two real processes, which is what it tests
     psutil = pytest.importorskip("psutil")
     out = tmp_path / "run"
     launcher = [str(Path(sys.executable).parent / "accelerate"), "launch", "--num_processes", "1", "--cpu",
@@ -175,16 +183,17 @@ def test_sigterm_to_the_launcher_stops_the_trainer_with_state_saved(sample_shard
 
 # ============================================================================= data provenance at the recipe
 
-def test_a_source_that_does_not_match_the_shards_is_refused(sample_shards, sample_parquet, tmp_path):
-    proc = run_train(["--data", sample_shards, "--output", tmp_path / "run", f"data.source={sample_parquet}", *TINY])
+def test_a_source_that_does_not_match_the_shards_is_refused(sample_shards, sample_parquet, tmp_path, run_recipe):
+    proc = run_recipe("train", "--data", sample_shards, "--output", tmp_path / "run", f"data.source={sample_parquet}",
+                      *TINY)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
     assert str(sample_parquet) in proc.stderr and "--force" in proc.stderr and "--data" in proc.stderr
     assert not (tmp_path / "run").exists()
 
 
-def test_an_empty_data_folder_is_an_error_not_a_download(tmp_path):
+def test_an_empty_data_folder_is_an_error_not_a_download(tmp_path, run_recipe):
     (tmp_path / "empty").mkdir()
-    proc = run_train(["--data", tmp_path / "empty", "--output", tmp_path / "run"])
+    proc = run_recipe("train", "--data", tmp_path / "empty", "--output", tmp_path / "run")
     assert proc.returncode == 2 and "empty" in proc.stderr and "tinycnn-prepare" in proc.stderr, proc.stderr
     assert "download" not in proc.stdout.lower() and not (tmp_path / "downloads").exists()
     assert not (tmp_path / "run").exists()
