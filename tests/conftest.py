@@ -85,4 +85,6 @@ def _run_recipe(name, *args):
             code = recipe.run_main(load_recipe(name).main)
         except SystemExit as e:  # argparse: --help, a bad flag
             code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    if code == 130 or "SIGINT at step" in err.getvalue():
+        raise KeyboardInterrupt  # Ctrl-C stopped the recipe (train saves its state first): stop pytest too
     return subprocess.CompletedProcess(argv, code, out.getvalue(), err.getvalue())
