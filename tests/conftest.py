@@ -3,6 +3,9 @@
 Set TINYCNN_SAMPLE_DATA to the folder holding `tiny-imagenet-200-sample.zip` and
 `tiny-imagenet-hf-sample/`; .ci/run sets it to ../shared/data. Without it, tests look at
 ../shared/data beside the checkout and skip with a reason when it is not there.
+
+`run_recipe` runs a recipe script in the test's process; tests start a real process only where one is what
+they check (DDP, a signal through a launcher, a lock held elsewhere, a fresh interpreter).
 """
 import contextlib
 import importlib.util

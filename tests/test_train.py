@@ -14,7 +14,7 @@ from tinycnn.train import TrainingStopped, train
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = ["stage_channels=[16,32,64]", "stage_repeats=[1,1,1]", "data.num_workers=1", "train.log_every=5"]
-pytestmark = [pytest.mark.real_data, pytest.mark.slow]
+pytestmark = pytest.mark.real_data
 
 
 def run(args, check=True, **kw):
@@ -46,6 +46,7 @@ def two_process_run(sample_shards, tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_two_processes_learn_well_above_chance(two_process_run):
     rows = metrics(two_process_run)
     assert [r["epoch"] for r in rows] == [1, 2, 3]
@@ -61,6 +62,7 @@ def test_two_processes_learn_well_above_chance(two_process_run):
     assert list((two_process_run / "tb").rglob("events.out.tfevents*"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("processes", [1, 2])
 def test_evaluate_reproduces_the_best_val_accuracy(two_process_run, sample_shards, processes, tmp_path, run_recipe):
     best = max(r["val/accuracy"] for r in metrics(two_process_run))
@@ -78,6 +80,7 @@ def test_evaluate_reproduces_the_best_val_accuracy(two_process_run, sample_shard
     assert len(res["per_class"]) == 10 and res["top5"] >= res["accuracy"]
 
 
+@pytest.mark.slow
 def test_sigterm_saves_state_and_resume_finishes_with_the_same_steps(sample_shards, tmp_path, run_recipe,
                                                                      monkeypatch):
     import tinycnn.train
