@@ -344,12 +344,12 @@ def build_loader(
 ) -> ShardLoader:
     """A loader of uint8 (B,3,64,64) / int64 (B,) batches over `split` of a tinycnn-prepare folder or URL.
 
-    root: a folder, or a URL of one (`is_url`: http(s)://, s3://, gs://, pipe:...); shards are streamed.
+    root: a folder, or a URL of one (`tinycnn.storage.is_url`: http(s)://, s3://, gs://, pipe:...); shards are streamed.
     train: shuffled, endless per worker, exactly len(loader) full batches per rank and epoch.
     Otherwise every sample of the split (or subset) exactly once across all workers and ranks.
     subset: only the first `subset` samples of the split (deterministic).
     num_workers: decoding processes (default: `default_num_workers()`).
-    pin_memory: default: pinned when DevicePrefetcher copies to CUDA (else when CUDA is available).
+    pin_memory: default: pinned when tinycnn.transfer.DevicePrefetcher copies to CUDA (else when CUDA is available).
     retries: tries again after transient network errors (connection, timeout, HTTP 5xx), with backoff.
     """
     manifest = read_manifest(root, retries)
