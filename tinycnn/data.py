@@ -36,6 +36,7 @@ try:  # torchvision 0.29 deprecates its image io in favour of torchcodec; PIL wh
 except ImportError:
     decode_jpeg = None
 
+from .environment import available_cpus
 from .storage import PREPARE_HINT, RETRIES, ShardError, is_url, locate, read_manifest, read_shard
 from .tar import iter_samples
 
@@ -321,9 +322,8 @@ def default_num_workers() -> int:
     (the train step, the pin-memory thread), shared among the processes of this host (LOCAL_WORLD_SIZE, set by
     torchrun and accelerate). Decoding scales with cores up to the GPU's appetite, so no fixed cap: a 16-core
     host with one GPU decodes with 15 workers."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
-    return max(1, (cores - local) // local)
+    return max(1, (available_cpus() - local) // local)
 
 
 def build_loader(
