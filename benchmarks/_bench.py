@@ -3,7 +3,6 @@ import io
 import os
 import platform
 import shutil
-import tarfile
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -11,6 +10,8 @@ from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
 import torch
+
+from tinycnn.environment import available_cpus
 
 # ----------------------------------------------------------------------------- settings
 
@@ -34,11 +35,13 @@ def _env_flag(name: str, default: bool) -> bool:
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 ON_CUDA = DEVICE.type == "cuda"
-NCORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+NCORES = available_cpus()
 #: train shards repeated this many times (18 x 5,000 = 90,000 images = one full Tiny ImageNet epoch)
 REPEAT = _env_int("TINYCNN_BENCH_REPEAT", 18 if ON_CUDA else 4)
 #: torch.compile variants of the train step (off on CPU by default: compiling takes ~1 min per variant)
 COMPILE = _env_flag("TINYCNN_BENCH_COMPILE", ON_CUDA)
+#: fewer variants and rounds (.ci/gpu): the main train-step variants only, one round of the slow baselines
+QUICK = _env_flag("TINYCNN_BENCH_QUICK", False)
 #: images per train step (the recipe's default batch on CUDA; small on CPU to keep the run short)
 BATCH = _env_int("TINYCNN_BENCH_BATCH", 256 if ON_CUDA else 32)
 #: bf16 dense peak of the H100s of these machines (measured), for the model-FLOPs utilisation
@@ -109,15 +112,15 @@ GOALS: List[Goal] = [
     Goal("host-to-device", "train steps fed by DevicePrefetcher / steps on data already on the device",
          lambda: ratio_of("h2d/overlap_prefetcher", "h2d/overlap_resident"), 0.98, "fraction", gpu_only=True,
          note="'fully hidden' read as <= 2% slower than no copy"),
-    Goal("augment", "GPUAugment time / train-step time (bf16, channels_last, eager)",
+    Goal("augment", "GPUAugment time / train-step time (bf16, channels_last, apply compiled as by default)",
          lambda: value("augment/fraction_of_step"), 0.05, "fraction", higher_is_better=False, gpu_only=True),
     Goal("train-step", "eager, bf16 + channels_last (one H100)",
          lambda: value("train/eager_bf16_cl"), 50_000, "img/s", gpu_only=True),
     Goal("train-step", "torch.compile, bf16 + channels_last (one H100)",
          lambda: value("train/compiled_bf16_cl"), 80_000, "img/s", gpu_only=True),
-    Goal("end-to-end", "streaming epoch / train step on synthetic device batches",
+    Goal("end-to-end", "streaming epoch (warm) / train step + GPUAugment on device batches",
          lambda: ratio_of("e2e/streaming", "e2e/synthetic"), 0.90, "fraction", gpu_only=True),
-    Goal("end-to-end", "device-resident epoch / train step on synthetic device batches",
+    Goal("end-to-end", "device-resident epoch / train step + GPUAugment on device batches",
          lambda: ratio_of("e2e/resident", "e2e/synthetic"), 0.90, "fraction", gpu_only=True),
 ]
 
@@ -187,36 +190,41 @@ class Bench:
 # ----------------------------------------------------------------------------- train step
 
 
-def make_train_step(*, channels_last: bool, bf16: bool, compiled: bool = False, **model_kwargs):
-    """tinycnn.train's step on synthetic or real batches: (autocast) model -> cross_entropy -> backward ->
-    optimizer.step -> zero_grad, with the recipe's defaults (fused AdamW via build_optimizer, label
-    smoothing 0.1). Returns (step(x, y) -> loss, model, optimizer)."""
-    import copy
+def make_step(*, channels_last: bool, bf16: bool, compiled: bool = False, augment: bool = False,
+              compile_augment="auto", **model_kwargs):
+    """tinycnn.step.TrainStep, what training runs, with the recipe's defaults: fused AdamW (lr, weight decay,
+    betas of tinycnn.config.TrainConfig), label smoothing 0.1; the default model unless model_kwargs say otherwise.
 
+    augment=False: the step takes normalized float batches (the step alone); True: uint8 batches and a
+    GPUAugment on the device (its apply compiled per compile_augment: "auto" = on CUDA, the library default).
+    Returns (step(x, y) -> loss, model, optimizer)."""
     import timm
-    import torch.nn.functional as F
 
     import tinycnn  # noqa: F401  (registers the models with timm)
-    from tinycnn.config import DEFAULTS
-    from tinycnn.train import build_optimizer
+    from tinycnn.augment import GPUAugment
+    from tinycnn.config import TrainConfig
+    from tinycnn.step import TrainStep
 
     model = timm.create_model("tinycnn", **model_kwargs).to(DEVICE)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     model.train()
-    optimizer = build_optimizer(model, copy.deepcopy(DEFAULTS["train"]["optimizer"]), DEVICE)
-    forward = torch.compile(model) if compiled else model
-    smoothing = DEFAULTS["train"]["label_smoothing"]
+    recipe = TrainConfig()
+    opt = recipe.optimizer
+    kwargs = dict(lr=opt.lr, weight_decay=opt.weight_decay, betas=tuple(opt.betas))
+    try:
+        optimizer = torch.optim.AdamW(model.parameters(), fused=True, **kwargs)
+    except RuntimeError:  # no fused kernel for this device in this torch
+        optimizer = torch.optim.AdamW(model.parameters(), **kwargs)
+    aug = GPUAugment.for_model(model, channels_last=channels_last).to(DEVICE) if augment else None
+    step = TrainStep(model, optimizer, augment=aug, label_smoothing=recipe.label_smoothing,
+                     mixed_precision="bf16" if bf16 else "no", compile=compiled, compile_augment=compile_augment)
 
-    def step(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(DEVICE.type, dtype=torch.bfloat16, enabled=bf16):
-            loss = F.cross_entropy(forward(x), y, label_smoothing=smoothing)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return loss.detach()
+    def run(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return step(x, y)[0]
 
-    return step, model, optimizer
+    run.train_step = step
+    return run, model, optimizer
 
 
 def optimizer_steps(optimizer: torch.optim.Optimizer) -> int:
@@ -282,14 +290,12 @@ class BenchData:
 
 
 def read_split(base: Path, manifest: dict, split: str):
+    """The JPEG bytes and labels of a split, in shard order (tinycnn.tar, the library's own reader)."""
+    from tinycnn.tar import tar_samples
+
     jpegs, labels = [], []
     for s in manifest["splits"][split]["shards"]:
-        members: Dict[str, dict] = OrderedDict()
-        with tarfile.open(base / s["file"]) as tar:
-            for m in tar:
-                key, ext = m.name.rsplit(".", 1)
-                members.setdefault(key, {})[ext] = tar.extractfile(m).read()
-        for sample in members.values():
+        for sample in tar_samples(base / s["file"]):
             jpegs.append(sample["jpg"])
             labels.append(int(sample["cls"]))
     return jpegs, labels
@@ -324,7 +330,7 @@ def summary_lines() -> List[str]:
     lines = [f"machine: {m['cpu']}, {m['cores']} cores, GPU: {m['gpu']}, torch {m['torch']}, "
              f"python {m['python']}, device {m['device']}",
              f"settings: TINYCNN_BENCH_REPEAT={REPEAT} (train images per epoch: {REPEAT} x sample), "
-             f"TINYCNN_BENCH_BATCH={BATCH}, TINYCNN_BENCH_COMPILE={int(COMPILE)}", ""]
+             f"TINYCNN_BENCH_BATCH={BATCH}, TINYCNN_BENCH_COMPILE={int(COMPILE)}, TINYCNN_BENCH_QUICK={int(QUICK)}", ""]
     rows = [r for r in RESULTS.values() if r["label"]]
     w = max([len(r["label"]) for r in rows] + [10])
     lines.append(f"{'group':<15} {'figure':<{w}}  {'value':>18}  note")

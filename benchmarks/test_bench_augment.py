@@ -4,18 +4,19 @@ Both run on the device at hand (CUDA when available, else the CPU) on real sampl
 same transforms: RandomCrop(64, padding=4), RandomHorizontalFlip, ColorJitter(0.2, 0.2, 0.2, 0.05),
 to float, Normalize. torchvision's v2 transforms draw one set of random parameters per call, so
 per-sample randomness with torchvision means one call per sample.
-On CUDA, also GPUAugment's cost inside a train step (bf16 + channels_last, eager).
+On CUDA, also GPUAugment's cost inside tinycnn.step.TrainStep (bf16 + channels_last, eager model), with
+its apply() eager and compiled (the library's default on CUDA).
 """
 import pytest
 import torch
 
-from _bench import BATCH, DEVICE, ON_CUDA, make_train_step, optimizer_steps, real_uint8_batch, sync
+from _bench import BATCH, DEVICE, ON_CUDA, QUICK, make_step, optimizer_steps, real_uint8_batch, sync
 
 GROUP = "augment"
 ROUNDS = 5 if ON_CUDA else 10  # cheap: more rounds, best of them (the CPU is shared)
-AUG_BATCH = BATCH if ON_CUDA else 256
+AUG_BATCH = BATCH if ON_CUDA or QUICK else 256
 ITERS = 20 if ON_CUDA else 1          # batches per round
-V2_IMAGES = 256 if ON_CUDA else 128   # images per round for the per-sample baseline
+V2_IMAGES = 256 if ON_CUDA else 32 if QUICK else 128   # images per round for the per-sample baseline
 
 
 def test_gpu_augment(bench_factory, bench_data):
@@ -87,35 +88,36 @@ def test_torchvision_v2_per_sample(bench_factory, bench_data):
 
 @pytest.mark.skipif(not ON_CUDA, reason="the augmentation's share of a train step is a GPU figure "
                                         "(no CUDA device here)")
-def test_augment_fraction_of_train_step(bench_factory, bench_data):
-    """Train steps with GPUAugment vs the same steps on already-augmented batches; the difference is its cost."""
+@pytest.mark.parametrize("compile_augment", [False, True], ids=["eager_apply", "compiled_apply"])
+def test_augment_fraction_of_train_step(bench_factory, bench_data, compile_augment):
+    """TrainStep with GPUAugment on uint8 batches vs the same step on already-augmented batches; the
+    difference is the augmentation's cost (sampling included)."""
     import time
 
-    from tinycnn.augment import GPUAugment
-
     bench = bench_factory(GROUP)
-    step, model, optimizer = make_train_step(channels_last=True, bf16=True)
-    aug = GPUAugment(channels_last=True).to(DEVICE)
+    step, model, optimizer = make_step(channels_last=True, bf16=True, augment=True, compile_augment=compile_augment)
+    alone, _, alone_opt = make_step(channels_last=True, bf16=True)
+    train_step = step.train_step
     x = real_uint8_batch(bench_data.jpegs, BATCH)
     y = torch.randint(0, 200, (BATCH,), device=DEVICE)
-    ready = aug(x)
+    ready = train_step.model_input(x)          # augmented, in bf16: what the model gets
 
     def with_aug():
         loss = None
         for _ in range(ITERS):
-            loss = step(aug(x), y)
+            loss = step(x, y)
         return loss
 
     def without_aug():
         loss = None
         for _ in range(ITERS):
-            loss = step(ready, y)
+            loss = alone(ready, y)
         return loss
 
     def aug_only():
         out = None
         for _ in range(ITERS):
-            out = aug(x)
+            out = train_step.model_input(x)
         return out
 
     def best_of(fn, rounds=5):
@@ -130,14 +132,16 @@ def test_augment_fraction_of_train_step(bench_factory, bench_data):
         return min(times)
 
     t_with = bench.run(with_aug, rounds=5, warmup=1)
-    assert torch.isfinite(bench.result)
-    calls = bench.calls
+    assert torch.isfinite(bench.result) and train_step.augment_compiled == compile_augment
+    assert optimizer_steps(optimizer) == ITERS * bench.calls
     t_without = best_of(without_aug)
     t_aug = best_of(aug_only)
-    assert optimizer_steps(optimizer) == ITERS * (calls + 6)
-    bench.rate("augment/step_with_aug", "train step + GPUAugment (bf16, channels_last)", ITERS * BATCH, t_with)
-    bench.record("augment/step_without_aug", "train step alone (same batches, pre-augmented)",
+    assert optimizer_steps(alone_opt) == ITERS * 6
+    how = "compiled" if compile_augment else "eager"
+    bench.rate(f"augment/step_with_aug_{how}", f"train step + GPUAugment, apply {how} (bf16, channels_last)",
+               ITERS * BATCH, t_with)
+    bench.record(f"augment/step_without_aug_{how}", "train step alone (same batches, pre-augmented)",
                  ITERS * BATCH / t_without, "img/s")
-    bench.record("augment/fraction_of_step", "GPUAugment cost / train step with it", max(0.0, 1 - t_without / t_with),
+    key = "augment/fraction_of_step" if compile_augment else "augment/fraction_of_step_eager"
+    bench.record(key, f"GPUAugment cost / train step with it, apply {how}", max(0.0, 1 - t_without / t_with),
                  "fraction", note=f"GPUAugment alone: {t_aug / t_with:.1%} of the step time")
-    bench.record("augment/alone_fraction_of_step", None, t_aug / t_with, "fraction")

@@ -134,6 +134,12 @@ def test_build_loader(bench_factory, bench_data, workers):
 GZIP_WORKERS = sorted({1, NCORES})
 
 
+def _alternating(variants: dict, times: dict):
+    """The (kind, variant) pairs, in reverse order every other round: neither kind always runs first (cold)."""
+    items = list(variants.items())
+    return items if len(times[items[0][0]]) % 2 == 0 else items[::-1]
+
+
 @pytest.fixture(scope="module")
 def gzip_root(bench_data, sample_zip):
     """The sample prepared again with `compress=True` (tinycnn-prepare --compress: <split>-NNNNN.tar.gz, the
@@ -173,7 +179,7 @@ def test_build_loader_gzip(bench_factory, bench_data, gzip_root, workers):
 
     def epochs():
         counts = {}
-        for kind, loader in loaders.items():
+        for kind, loader in _alternating(loaders, times):
             t0 = time.perf_counter()
             counts[kind] = sum(x.shape[0] for x, _ in loader)
             times[kind].append(time.perf_counter() - t0)
@@ -190,35 +196,3 @@ def test_build_loader_gzip(bench_factory, bench_data, gzip_root, workers):
                note=f"shards {size_ratio:.0%} of the plain bytes", size_ratio=round(size_ratio, 4))
     bench.ratio("gzip_vs_plain", f"loader/gzip_w{workers}", f"loader/plain_w{workers}", note="{:.0%} of plain")
 
-
-def test_gzip_read_cost_1core(bench_factory, bench_data, gzip_root):
-    """What gzip adds per image, without workers or decoding: tinycnn.tar.iter_samples over the train shards'
-    bytes (already in memory), plain and gzip alternating in each round, one process; against the decode
-    ceiling per core measured above it says how much of a core decompression takes."""
-    from tinycnn.data import read_manifest
-    from tinycnn.tar import iter_samples
-
-    bench = bench_factory(GROUP)
-    root, _ = gzip_root
-    plain = sorted(bench_data.base.glob("train-*.tar"))
-    packed = read_manifest(root)["splits"]["train"]["shards"][:len(plain)]  # the first repeat: each shard once
-    blobs = {"plain": [p.read_bytes() for p in plain], "gzip": [(root / s["file"]).read_bytes() for s in packed]}
-    times = {"plain": [], "gzip": []}
-
-    def read_all():
-        counts = {}
-        for kind, shards in blobs.items():
-            t0 = time.perf_counter()
-            counts[kind] = sum(1 for shard in shards for _ in iter_samples(shard))
-            times[kind].append(time.perf_counter() - t0)
-        return counts
-
-    bench.run(read_all, rounds=5, warmup=1)
-    n = bench.result["plain"]
-    assert n == bench.result["gzip"] == len(bench_data.jpegs)
-    bench.rate("loader/read_plain_1core", "tar reading, plain shards, 1 core", n, min(times["plain"]))
-    bench.rate("loader/read_gzip_1core", "tar reading, gzip shards, 1 core", n, min(times["gzip"]))
-    extra_us = (min(times["gzip"]) - min(times["plain"])) / n * 1e6
-    ceiling = value("loader/decode_ceiling_1core")
-    note = f" = {extra_us * ceiling / 1e6:.0%} of a decode at the ceiling" if ceiling else ""
-    bench.record("loader/gzip_extra_us", "gzip: extra CPU time per image", extra_us, "us", note=note.strip(" ="))

@@ -1,8 +1,10 @@
-"""train step: forward + backward + optimizer step of the default model (timm.create_model('tinycnn')).
+"""train step: tinycnn.step.TrainStep (forward + backward + optimizer step) of the default model.
 
 Eager vs torch.compile, fp32 vs bf16 autocast, NCHW vs channels_last, on synthetic normalized batches
-already on the device (TINYCNN_BENCH_BATCH images: 256 on CUDA, 32 on CPU). The compiled variants run
-on CUDA, and on CPU only with TINYCNN_BENCH_COMPILE=1 (compiling takes about a minute per variant there).
+already on the device (TINYCNN_BENCH_BATCH images: 256 on CUDA, 32 on CPU): the step alone, without the
+augmentation (its cost is measured in test_bench_augment and test_bench_end_to_end). The compiled
+variants run on CUDA, and on CPU only with TINYCNN_BENCH_COMPILE=1 (compiling takes about a minute per
+variant there). TINYCNN_BENCH_QUICK=1 keeps the variants the goals name (and the fp32 NCHW baseline).
 FLOPs per training image are counted from the model (torch.utils.flop_counter: conv and linear, 2 FLOPs
 per multiply-add; training = 3 x forward) and give the model-FLOPs utilisation on a GPU.
 """
@@ -11,7 +13,7 @@ import functools
 import pytest
 import torch
 
-from _bench import (BATCH, COMPILE, ON_CUDA, PEAK_BF16_FLOPS, make_train_step, optimizer_steps, record,
+from _bench import (BATCH, COMPILE, ON_CUDA, PEAK_BF16_FLOPS, QUICK, make_step, optimizer_steps, record,
                     synthetic_batch, value)
 
 GROUP = "train-step"
@@ -49,6 +51,8 @@ def test_flops_per_image():
 
 
 VARIANTS = [(compiled, bf16, cl, BATCH) for compiled in (False, True) for bf16 in (False, True) for cl in (False, True)]
+if QUICK:
+    VARIANTS = [(False, False, False, BATCH), (False, True, True, BATCH), (True, True, True, BATCH)]
 if ON_CUDA:
     VARIANTS.append((False, True, True, 1024))  # how the eager rate scales with the batch
 
@@ -64,7 +68,7 @@ def test_train_step(bench_factory, compiled, bf16, channels_last, batch):
         pytest.skip("torch.compile variants are off on CPU (about a minute of compiling each): "
                     "set TINYCNN_BENCH_COMPILE=1 to run them")
     bench = bench_factory(GROUP)
-    step, model, optimizer = make_train_step(channels_last=channels_last, bf16=bf16, compiled=compiled)
+    step, model, optimizer = make_step(channels_last=channels_last, bf16=bf16, compiled=compiled)
     x, y = synthetic_batch(batch, channels_last=channels_last)
 
     def run():

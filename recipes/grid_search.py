@@ -68,7 +68,7 @@ def main() -> int:
                 raise ValueError(f"--gpus takes comma-separated GPU ids, got {args.gpus!r}")
             codes = grid.launch_parts(Path(__file__).resolve(), sys.argv[1:], gpus, output, console=console)
         results = grid.collect_results(cfg, output, plan)
-        grid.write_results(results, output, "results", grid._meta(cfg, plan, None))
+        grid.write_results(results, output, "results", grid.results_meta(cfg, plan))
         grid.print_results(results, console, title=f"grid search: {len(plan)} runs, by best val accuracy", top=args.top)
         console.print(f"tables: {output / 'results.md'}, {output / 'results.csv'}, {output / 'results.json'}",
                       highlight=False)

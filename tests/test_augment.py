@@ -11,9 +11,10 @@ import zipfile
 import pytest
 import torch
 import torchvision.transforms.v2.functional as TF
+from timm.data import IMAGENET_DEFAULT_MEAN as IMAGENET_MEAN, IMAGENET_DEFAULT_STD as IMAGENET_STD
 from torchvision.io import ImageReadMode, decode_jpeg
 
-from tinycnn.augment import (IMAGENET_MEAN, IMAGENET_STD, JITTER_OPS, PARAM_KEYS, EvalTransform, GPUAugment,
+from tinycnn.augment import (JITTER_OPS, PARAM_KEYS, EvalTransform, GPUAugment,
                              eval_transform)
 
 TOL = 2 / 255          # the spec: every pixel within 2/255 of torchvision (in [0, 1] units)
@@ -338,6 +339,67 @@ def test_from_config():
     assert not off.enabled and not off.normalize
     with pytest.raises(ValueError, match="unknown augment option"):
         GPUAugment.from_config({"brightnes": 0.2})
+
+
+def test_for_model_reads_the_models_normalization():
+    import timm
+
+    import tinycnn  # noqa: F401
+    model = timm.create_model("tinycnn", stage_channels=[8, 16, 32], stage_repeats=[1, 1, 1])
+    model.pretrained_cfg = dict(model.pretrained_cfg, mean=(0.5, 0.4, 0.3), std=(0.2, 0.25, 0.3))
+    aug = GPUAugment.for_model(model, {"hue": 0}, channels_last=True)
+    torch.testing.assert_close(aug.mean.flatten(), torch.tensor([0.5, 0.4, 0.3]))
+    torch.testing.assert_close(aug.std.flatten(), torch.tensor([0.2, 0.25, 0.3]))
+    assert aug.ranges["hue"] is None and aug.channels_last
+    assert GPUAugment.for_model(timm.create_model("tinycnn")).to_config() == GPUAugment().to_config()
+
+
+def _argsort_slot_plan(order, ops, hue_on):
+    """The slot schedule computed directly from each order (what the lookup table must reproduce)."""
+    n = len(ops)
+    pos = order.argsort(dim=1)
+    pos_e = torch.stack([pos[:, j] for j in ops], dim=1)
+    rank = (pos_e.unsqueeze(1) < pos_e.unsqueeze(2)).sum(dim=2)
+    if hue_on:
+        slot = rank + (n - (pos_e < pos[:, 3:4]).sum(dim=1, keepdim=True))
+    else:
+        slot = rank
+    which = torch.full((order.shape[0], 2 * n if hue_on else n), n, dtype=torch.long)
+    return which.scatter_(1, slot, torch.arange(n).expand(order.shape[0], n))
+
+
+@pytest.mark.parametrize("config", [{}, dict(contrast=0), dict(brightness=0, saturation=0), dict(hue=0),
+                                    dict(brightness=0, contrast=0, hue=0)])
+def test_slot_table_is_the_schedule_of_every_order(config):
+    aug = GPUAugment(**config)
+    if not aug._blend_ops:
+        return
+    order = torch.tensor(list(itertools.permutations(range(4))))
+    which = aug._slot_table[(order * aug._order_code).sum(dim=1)]
+    assert torch.equal(which, _argsort_slot_plan(order, aug._blend_ops, aug._hue_on))
+
+
+def test_out_dtype_per_call_is_the_cast_of_the_float_result():
+    images = synthetic_images(8)
+    aug = GPUAugment(channels_last=True)
+    params = aug.sample(8, generator=torch.Generator().manual_seed(21))
+    out = aug.apply(images, params, out_dtype=torch.bfloat16)
+    assert out.dtype == torch.bfloat16 and out.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(out, aug.apply(images, params).to(torch.bfloat16))
+    assert aug.apply(images, params).dtype == torch.float32                # the instance's dtype otherwise
+
+
+def test_sample_reads_nothing_back_to_the_host(monkeypatch):
+    """sample() draws on the device: no .item()/.tolist()/bool() on a tensor (each is a host sync on CUDA)."""
+    def refuse(self, *args, **kwargs):
+        raise AssertionError("host read in GPUAugment.sample")
+
+    aug = GPUAugment(jitter_p=0.5)
+    for name in ("item", "tolist", "__bool__", "__int__", "__float__", "numpy"):
+        monkeypatch.setattr(torch.Tensor, name, refuse)
+    params = aug.sample(16, generator=torch.Generator().manual_seed(22))
+    monkeypatch.undo()
+    assert set(params) == set(PARAM_KEYS) and params["hue"].shape == (16,)
 
 
 # ----------------------------------------------------------------------------- shapes, dtypes, errors

@@ -23,7 +23,8 @@ from PIL import Image
 from torchvision.io import ImageReadMode, decode_jpeg
 
 import tinycnn
-from tinycnn.prepare import PrepareError, _check_jpeg, download, ensure_prepared, is_prepared, main, prepare
+from tinycnn.prepare import PrepareError, download, ensure_prepared, is_prepared, main, prepare
+from tinycnn.prepare.check import check_jpeg
 
 REPO = Path(__file__).resolve().parents[1]
 TOP = "tiny-imagenet-200/"
@@ -545,10 +546,10 @@ def test_parquet_without_paths_and_without_pyarrow(tmp_path, monkeypatch):
 
 def test_check_jpeg_catches_truncation():
     data = jpeg((10, 200, 90))
-    assert _check_jpeg(data) == 3 and _check_jpeg(jpeg(0, mode="L")) == 1
+    assert check_jpeg(data) == 3 and check_jpeg(jpeg(0, mode="L")) == 1
     for cut in (len(data) // 2, len(data) - 1, len(data) - 2, 300):
-        assert "truncated" in _check_jpeg(data[:cut])
-    assert "does not decode" in _check_jpeg(data[:2] + b"\0" * 200 + b"\xff\xd9")
+        assert "truncated" in check_jpeg(data[:cut])
+    assert "does not decode" in check_jpeg(data[:2] + b"\0" * 200 + b"\xff\xd9")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -807,6 +808,10 @@ def test_shards_without_fingerprint_are_compared_by_path(tmp_path):
     copy.write_bytes(src.read_bytes())
     with pytest.raises(PrepareError, match="compared by path: these shards record no fingerprint"):
         ensure_prepared(out, source=copy)
+    del m["source"]  # a manifest written by hand: nothing to compare, said as a warning
+    (out / "manifest.json").write_text(json.dumps(m))
+    with pytest.warns(UserWarning, match="checked by path only"):
+        assert ensure_prepared(out, source=copy) == out
 
 
 def test_ensure_prepared_missing_or_empty_folder(tmp_path):
@@ -897,20 +902,17 @@ def stalled_prepare(tmp_path):
                 os.kill(pid, signal.SIGKILL)
 
 
-def test_second_prepare_into_the_same_folder_stops_at_once(stalled_prepare, capsys):
-    proc, _, good, out = stalled_prepare
+def test_second_prepare_stops_at_once_sigkill_leaves_no_process_and_the_next_run_cleans_up(stalled_prepare,
+                                                                                           capsys):
+    proc, workers, good, out = stalled_prepare
     started = time.monotonic()
     assert main([str(good), "--out", str(out), "--holdout", "2", "--no-progress"]) == 2
     assert time.monotonic() - started < 5
     err = " ".join(capsys.readouterr().err.split())
     assert f"{out} is being written by another tinycnn-prepare (pid {proc.pid})" in err
-    assert proc.poll() is None and len(list(out.parent.glob("out.tmp-*"))) == 1  # the first one is untouched
-
-
-def test_sigkill_leaves_no_process_and_the_next_run_cleans_up(stalled_prepare, capsys):
-    proc, workers, good, out = stalled_prepare
     tmp = list(out.parent.glob("out.tmp-*"))
-    assert [t.name.split("-")[1] for t in tmp] == [str(proc.pid)]  # the owner's pid in the name
+    assert proc.poll() is None and [t.name.split("-")[1] for t in tmp] == [str(proc.pid)]  # untouched; owner's pid
+
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert _gone(workers), f"pool workers {workers} outlived their SIGKILLed parent"
@@ -921,10 +923,13 @@ def test_sigkill_leaves_no_process_and_the_next_run_cleans_up(stalled_prepare, c
     assert leftovers(out) == ["out"] and is_prepared(out)
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
-def test_sigterm_and_ctrl_c_clean_up(stalled_prepare, sig):
+@pytest.mark.parametrize("how", ["SIGTERM", "Ctrl-C"])
+def test_sigterm_and_ctrl_c_clean_up(stalled_prepare, how):
     proc, workers, _, out = stalled_prepare
-    proc.send_signal(sig)
+    if how == "SIGTERM":
+        proc.send_signal(signal.SIGTERM)
+    else:  # the terminal sends SIGINT to the whole process group, workers included
+        os.killpg(proc.pid, signal.SIGINT)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130 and "interrupted" in err and "Traceback" not in err
     assert _gone(workers) and leftovers(out) == []  # no temporary folder, no lock file
@@ -953,3 +958,39 @@ def test_unusable_out_is_one_line(tmp_path):
         with pytest.raises(PrepareError, match=why):
             quick(src, out)
     assert (tmp_path / "file.txt").read_text() == "x"
+
+
+def test_recipes_print_prepare_errors_as_one_line(tmp_path, capsys):
+    from tinycnn.recipe import run_main
+    assert run_main(lambda: ensure_prepared(tmp_path / "nope")) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert f"error: shards folder {tmp_path / 'nope'} does not exist; prepare it first" in err
+
+
+def test_workers_without_pdeathsig_exit_when_orphaned():
+    # the fallback where PR_SET_PDEATHSIG does not exist (macOS...): a worker B whose parent A dies
+    if not hasattr(os, "fork") or not Path("/proc").is_dir():
+        pytest.skip("needs fork and /proc")
+    from tinycnn.prepare.check import _exit_when_orphaned
+    r, w = os.pipe()
+    a = os.fork()
+    if a == 0:
+        try:
+            parent = os.getpid()
+            b = os.fork()
+            if b == 0:  # B: busy for a minute, its watcher thread beside it
+                os.close(w)  # the test reads up to EOF
+                threading.Thread(target=_exit_when_orphaned, args=(parent, 0.05), daemon=True).start()
+                time.sleep(60)
+                os._exit(3)
+            os.write(w, str(b).encode())
+        finally:
+            os._exit(0)  # A dies at once
+    os.close(w)
+    os.waitpid(a, 0)
+    with os.fdopen(r) as f:
+        child = int(f.read())
+    gone = _gone([child], timeout=10)
+    if not gone:
+        os.kill(child, signal.SIGKILL)
+    assert gone, f"orphaned child {child} was still running"

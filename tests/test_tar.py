@@ -101,3 +101,10 @@ def test_damaged_gzip_raises_a_tar_error(tmp_path):
     data[len(data) // 2] ^= 0xFF
     with pytest.raises(tarfile.ReadError, match="s.tar.gz: damaged gzip data"):
         list(iter_samples(bytes(data), name="s.tar.gz"))
+
+
+def test_values_as_text():
+    # str and int values are written as their utf-8 text, as webdataset's TarWriter writes .cls
+    as_text = tar_bytes([{"__key__": "k", "cls": 17, "txt": "é"}])
+    assert as_text == tar_bytes([{"__key__": "k", "cls": b"17", "txt": "é".encode()}])
+    assert list(iter_samples(as_text)) == [{"__key__": "k", "cls": b"17", "txt": "é".encode()}]

@@ -19,6 +19,7 @@ clamp to ``[0, 1]`` after every op).
 Usage::
 
     aug = GPUAugment().to(device)          # or GPUAugment.from_config(cfg["augment"])
+    aug = GPUAugment.for_model(model, cfg["augment"]).to(device)   # mean/std from the model's pretrained_cfg
     x = aug(images_uint8)                  # train: sample + apply, float32, normalized
     x = aug.eval_transform(images_uint8)   # val / test: uint8 -> [0, 1] -> normalize
     x = eval_transform(images_uint8)       # the same as a plain function
@@ -33,29 +34,28 @@ Replaying::
 ``hue`` (B,) float shift (0 = identity) and ``jitter_order`` (B, 4) int64, a permutation of
 0=brightness 1=contrast 2=saturation 3=hue per sample.  ``apply`` runs crop, flip, the colour
 ops in each sample's order, then normalization; ops switched off in the instance are skipped
-(their factors in ``params`` are ignored).  ``apply`` works under ``torch.compile``.
+(their factors in ``params`` are ignored).  ``apply`` works under ``torch.compile`` as one graph
+(tinycnn.step.TrainStep compiles it by default on CUDA) and takes ``out_dtype`` (e.g. the autocast
+dtype, so the cast is part of its last pass).  ``sample`` keeps every draw on the device (no host sync).
 """
 from __future__ import annotations
 
+import itertools
 import numbers
 from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import nn
 
 __all__ = [
-    "IMAGENET_MEAN",
-    "IMAGENET_STD",
     "JITTER_OPS",
     "PARAM_KEYS",
     "GPUAugment",
     "EvalTransform",
     "eval_transform",
 ]
-
-IMAGENET_MEAN: Tuple[float, float, float] = (0.485, 0.456, 0.406)
-IMAGENET_STD: Tuple[float, float, float] = (0.229, 0.224, 0.225)
 
 #: the colour ops in the numbering used by ``params["jitter_order"]``
 JITTER_OPS: Tuple[str, str, str, str] = ("brightness", "contrast", "saturation", "hue")
@@ -176,10 +176,32 @@ def _adjust_hue(x: torch.Tensor, hue: torch.Tensor) -> torch.Tensor:
     return w.mul_(delta.unsqueeze(1)).neg_().add_(maxc.unsqueeze(1))
 
 
+def _slot_table(blend_ops: Sequence[int], hue_on: bool) -> torch.Tensor:
+    """Schedule the blend-type ops (brightness, contrast, saturation) of every op order around one hue step.
+
+    Every sample runs the hue exactly once, so the hue (the costly op) runs once for the whole batch: a
+    sample's n_pre enabled blend ops before its hue go, in its order, to the slots just before the hue
+    step, the others to the slots just after.  With n enabled blend ops that is 2n slots (n without hue).
+    Row ``code`` of the table (code = the order in base 4, 256 rows, the 24 permutations filled) gives
+    for each slot the index into ``blend_ops`` of the op it runs, or n for an empty slot.  Built once on
+    the host, so a batch's plan is one lookup instead of ~30 small kernels."""
+    n = len(blend_ops)
+    n_slots = 2 * n if hue_on else n
+    table = torch.full((256, max(n_slots, 1)), n, dtype=torch.long)
+    for order in itertools.permutations(range(4)):
+        pos = {op: i for i, op in enumerate(order)}
+        ranked = sorted(range(n), key=lambda k: pos[blend_ops[k]])          # enabled ops in this order
+        n_pre = sum(pos[j] < pos[HUE] for j in blend_ops) if hue_on else n
+        code = sum(op * 4 ** (3 - i) for i, op in enumerate(order))
+        for rank, k in enumerate(ranked):
+            table[code, rank + (n - n_pre) if hue_on else rank] = k
+    return table[:, :n_slots]
+
+
 # ----------------------------------------------------------------------------- eval / normalize
 
-def eval_transform(images: torch.Tensor, mean: Optional[Sequence[float]] = IMAGENET_MEAN,
-                   std: Optional[Sequence[float]] = IMAGENET_STD, out_dtype: Union[str, torch.dtype] = torch.float32,
+def eval_transform(images: torch.Tensor, mean: Optional[Sequence[float]] = IMAGENET_DEFAULT_MEAN,
+                   std: Optional[Sequence[float]] = IMAGENET_DEFAULT_STD, out_dtype: Union[str, torch.dtype] = torch.float32,
                    channels_last: bool = False) -> torch.Tensor:
     """Validation / test transform: uint8 (B, 3, H, W) -> float in [0, 1] -> (x - mean) / std.
 
@@ -199,7 +221,7 @@ def eval_transform(images: torch.Tensor, mean: Optional[Sequence[float]] = IMAGE
 class EvalTransform(nn.Module):
     """:func:`eval_transform` as a module: mean/std are buffers that move with ``.to(device)``."""
 
-    def __init__(self, mean: Optional[Sequence[float]] = IMAGENET_MEAN, std: Optional[Sequence[float]] = IMAGENET_STD,
+    def __init__(self, mean: Optional[Sequence[float]] = IMAGENET_DEFAULT_MEAN, std: Optional[Sequence[float]] = IMAGENET_DEFAULT_STD,
                  out_dtype: Union[str, torch.dtype] = torch.float32, channels_last: bool = False):
         super().__init__()
         stats = _norm_values(mean, std)
@@ -254,7 +276,7 @@ class GPUAugment(EvalTransform):
     def __init__(self, crop_padding: Optional[int] = 4, flip_p: float = 0.5,
                  brightness: _Range = 0.2, contrast: _Range = 0.2, saturation: _Range = 0.2, hue: _Range = 0.05,
                  jitter_p: float = 1.0,
-                 mean: Optional[Sequence[float]] = IMAGENET_MEAN, std: Optional[Sequence[float]] = IMAGENET_STD,
+                 mean: Optional[Sequence[float]] = IMAGENET_DEFAULT_MEAN, std: Optional[Sequence[float]] = IMAGENET_DEFAULT_STD,
                  out_dtype: Union[str, torch.dtype] = torch.float32, channels_last: bool = False):
         super().__init__(mean=mean, std=std, out_dtype=out_dtype, channels_last=channels_last)
         padding = int(crop_padding or 0)
@@ -278,6 +300,15 @@ class GPUAugment(EvalTransform):
         # the blend-type ops switched on, in their numbering (0 brightness, 1 contrast, 2 saturation)
         self._blend_ops = tuple(j for j in (BRIGHTNESS, CONTRAST, SATURATION) if self.ranges[JITTER_OPS[j]] is not None)
         self._hue_on = self.ranges["hue"] is not None
+        # factor = u * span + low per op (span 0, low = identity for an op that is off): one pass for all four
+        lows = [r[0] if r else (0.0 if j == HUE else 1.0) for j, r in enumerate(self.ranges.values())]
+        spans = [r[1] - r[0] if r else 0.0 for r in self.ranges.values()]
+        self.register_buffer("_factor_low", torch.tensor(lows, dtype=torch.float32), persistent=False)
+        self.register_buffer("_factor_span", torch.tensor(spans, dtype=torch.float32), persistent=False)
+        self.register_buffer("_identity", torch.tensor([1.0, 1.0, 1.0, 0.0]), persistent=False)
+        # the slot plan of every jitter_order, looked up by the order's base-4 code (see _slot_plan)
+        self.register_buffer("_order_code", torch.tensor([64, 16, 4, 1]), persistent=False)
+        self.register_buffer("_slot_table", _slot_table(self._blend_ops, self._hue_on), persistent=False)
 
     # -- configuration ------------------------------------------------------------------------
 
@@ -301,6 +332,16 @@ class GPUAugment(EvalTransform):
         if not enabled:
             cfg.update(crop_padding=0, flip_p=0.0, brightness=0, contrast=0, saturation=0, hue=0)
         return cls(**cfg)
+
+    @classmethod
+    def for_model(cls, model: nn.Module, config: Optional[Mapping[str, Any]] = None, **overrides: Any) -> "GPUAugment":
+        """:meth:`from_config` with the normalization the model was made for (mean/std of its timm
+        ``pretrained_cfg``, through ``timm.data.resolve_model_data_config``), so the constants live with the
+        model.  ``overrides`` still win (e.g. ``channels_last=True``)."""
+        from timm.data import resolve_model_data_config
+
+        data_cfg = resolve_model_data_config(model)
+        return cls.from_config(config, **{"mean": data_cfg["mean"], "std": data_cfg["std"], **overrides})
 
     def to_config(self) -> Dict[str, Any]:
         """The constructor arguments of this instance (plain Python values, for logging / YAML)."""
@@ -349,16 +390,11 @@ class GPUAugment(EvalTransform):
         else:
             crop = torch.zeros(B, 2, dtype=torch.long, device=device)
         flip = u[:, 2] < self.flip_p
-        jitter_on = u[:, 7] < self.jitter_p
+        jitter_on = u[:, 7:8] < self.jitter_p
+        low, span, identity = (t.to(device) for t in (self._factor_low, self._factor_span, self._identity))
+        factors = torch.where(jitter_on, u[:, 3:7] * span + low, identity)   # (B, 4): the ops in JITTER_OPS order
         params: Dict[str, torch.Tensor] = {"crop_offsets": crop, "flip": flip}
-        for j, name in enumerate(JITTER_OPS):
-            identity = 0.0 if j == HUE else 1.0
-            r = self.ranges[name]
-            if r is None:
-                params[name] = torch.full((B,), identity, dtype=torch.float32, device=device)
-            else:
-                f = u[:, 3 + j] * (r[1] - r[0]) + r[0]
-                params[name] = torch.where(jitter_on, f, torch.full_like(f, identity))
+        params.update(zip(JITTER_OPS, factors.unbind(dim=1)))
         params["jitter_order"] = u[:, 8:12].argsort(dim=1)
         return params
 
@@ -378,38 +414,21 @@ class GPUAugment(EvalTransform):
         return x.reshape(B, C, Hp * Wp).gather(2, idx).view(B, C, H, W)
 
     def _slot_plan(self, params: Mapping[str, torch.Tensor]):
-        """Schedule the blend-type ops (brightness, contrast, saturation) of every sample around one hue step.
+        """Per-sample factors and blend weights of each blend slot (see :func:`_slot_table`).
 
-        Every sample runs the hue exactly once, so the hue (the costly op) runs once for the whole batch:
-        a sample's n_pre blend ops before its hue go, in its order, to the slots just before the hue
-        step, the others to the slots just after.  With n enabled blend ops that is 2n slots (n without
-        hue); a slot a sample doesn't use gets factor 1 (identity).  Returns (hue_at: the number of
-        slots before the hue step, factors (B, n_slots), and the per-slot blend weights (1 - f) of the
-        grayscale (saturation) and of its mean (contrast): (B, n_slots), or None when that op is off)."""
+        Returns (hue_at: the number of slots before the hue step, factors (B, n_slots), and the per-slot
+        blend weights (1 - f) of the grayscale (saturation) and of its mean (contrast): (B, n_slots), or
+        None when that op is off); an empty slot has factor 1 and weights 0."""
         ops = self._blend_ops
-        n = len(ops)
-        order = params["jitter_order"]
-        B, dev = order.shape[0], order.device
-        pos = order.argsort(dim=1)                                      # pos[b, j]: position of op j
-        pos_e = torch.stack([pos[:, j] for j in ops], dim=1)           # (B, n); no index tensor (H2D copy)
-        rank = (pos_e.unsqueeze(1) < pos_e.unsqueeze(2)).sum(dim=2)     # order among the enabled blend ops
-        if self._hue_on:
-            # ranks 0..n_pre-1 (before the hue) -> slots n-n_pre..n-1; ranks n_pre..n-1 -> slots n..2n-1-n_pre
-            n_pre = (pos_e < pos[:, HUE:HUE + 1]).sum(dim=1, keepdim=True)
-            slot = rank + (n - n_pre)
-            n_slots = 2 * n
-        else:
-            slot = rank
-            n_slots = n
-        which = torch.full((B, n_slots), n, dtype=torch.long, device=dev)  # index into ops; n = empty slot
-        which.scatter_(1, slot, torch.arange(n, device=dev).expand(B, n))
-        table = torch.stack([params[JITTER_OPS[j]].float() for j in ops] + [torch.ones(B, device=dev)], dim=1)
+        B = params["jitter_order"].shape[0]
+        which = self._slot_table[(params["jitter_order"] * self._order_code).sum(dim=1)]   # (B, n_slots)
+        table = torch.stack([params[JITTER_OPS[j]].float() for j in ops] + [params[JITTER_OPS[ops[0]]].new_ones(B)],
+                            dim=1)
         factors = table.gather(1, which)
-        # blend weights (1 - f) of the grayscale image (saturation) and of its mean (contrast), 0 elsewhere
         one_minus = 1.0 - factors
         sat = one_minus * (which == ops.index(SATURATION)) if SATURATION in ops else None
         con = one_minus * (which == ops.index(CONTRAST)) if CONTRAST in ops else None
-        return n, factors, sat, con
+        return len(ops) if self._hue_on else 0, factors, sat, con
 
     def _jitter(self, x: torch.Tensor, params: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """The colour ops on x (B, 3, H, W) float in [0, 1], in each sample's order.

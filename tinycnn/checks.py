@@ -21,7 +21,9 @@ import torch.nn.functional as F
 
 from .augment import GPUAugment
 from .config import Config
-from .data import build_loader, read_manifest
+from .data import build_loader
+from .formatting import percent
+from .storage import read_manifest
 
 __all__ = ["CheckError", "split_stats", "split_labels", "check_batch_shape", "baselines", "initial_loss",
            "gradient_check", "save_augment_grid", "grid_size", "run_checks", "print_checks", "LOSS_TOLERANCE"]
@@ -299,10 +301,10 @@ def print_checks(results: Dict[str, Any], console=None):
     for col in ("baseline", "top-1", "note"):
         table.add_column(col)
     m, u = b["majority_class"], b["uniform_random"]
-    table.add_row("majority class", _pct(m["accuracy"]),
+    table.add_row("majority class", percent(m["accuracy"]),
                   f"class {m['class']} ({m['wnid']}), {m['train_count']} train images"
                   + (f", tied with {m['tied_classes'] - 1} other classes" if m["tied_classes"] > 1 else ""))
-    table.add_row("uniform random", _pct(u["accuracy"]), f"expected {u['expected']:.2%} (seed {u['seed']})")
+    table.add_row("uniform random", percent(u["accuracy"]), f"expected {u['expected']:.2%} (seed {u['seed']})")
     console.print(table)
 
     table = Table(title=f"checks ({results['model']['name']}, channels {results['model']['stage_channels']}, "
@@ -313,7 +315,3 @@ def print_checks(results: Dict[str, Any], console=None):
         table.add_row(c["name"], "[green]ok[/green]" if c["ok"] else "[bold red]FLAGGED[/bold red]", c["detail"])
     console.print(table)
     console.print(f"augmentation grid (rows: originals, then augmented): {results['augment_grid']}", highlight=False)
-
-
-def _pct(v: Optional[float]) -> str:
-    return "-" if v is None else f"{v:.2%}"

@@ -37,7 +37,7 @@ class DataConfig:
     download: bool = True                       # the default root only: download the official zip when missing
     train_split: str = "train"
     val_split: str = "val"
-    num_workers: Optional[int] = field(default=None, metadata=_range(ge=0))  # per process; default: the cores
+    num_workers: Optional[int] = field(default=None, metadata=_range(ge=0))  # per process; default: cores - 1, shared
     shuffle_buffer: int = field(default=2048, metadata=_range(ge=1))
     device_resident: bool = False               # keep the decoded train split on the device after epoch 1
     skip_bad: bool = False                      # skip (and count) unreadable samples instead of stopping

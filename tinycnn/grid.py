@@ -36,13 +36,14 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 import yaml
 
 from .config import Config, flatten, from_dict
-from .data import read_manifest
 from .formatting import count, dashed, number, percent
+from .storage import read_manifest
 
 __all__ = ["GridRun", "format_lr", "format_wd", "format_value", "short_name", "run_name", "is_run_folder", "grid_plan",
            "run_config", "parse_part", "select_part", "expected_steps", "read_metrics", "best_record", "run_status",
            "run_result", "sort_results", "results_markdown", "write_results", "load_results", "write_hparams",
-           "run_grid", "collect_results", "child_argv", "launch_parts", "print_results", "RESULT_COLUMNS"]
+           "results_meta", "run_grid", "collect_results", "child_argv", "launch_parts", "print_results",
+           "RESULT_COLUMNS"]
 
 RESULT_COLUMNS = ["rank", "index", "name", "lr", "weight_decay", "stage_channels", "stage_repeats", "num_parameters",
                   "val_accuracy", "val_loss", "best_epoch", "epochs", "final_train_loss", "status"]
@@ -171,10 +172,12 @@ def select_part(plan: Sequence[GridRun], part: Optional[Tuple[int, int]]) -> Lis
 
 def expected_steps(run_cfg: Config, manifest: Dict[str, Any], world_size: int = 1) -> Tuple[int, int]:
     """(epochs, optimizer steps) that train() runs for run_cfg (the same arithmetic as train())."""
-    t = run_cfg.train
+    from .plan import RunPlan
+
+    t, subset = run_cfg.train, RunPlan.from_config(run_cfg).train_subset
     n = manifest["splits"][run_cfg.data.train_split]["num_samples"]
-    if t.overfit_small:
-        n = min(n, t.overfit_small_size)
+    if subset is not None:
+        n = min(n, subset)
     steps_per_epoch = n // (t.batch_size * world_size) // t.grad_accum_steps
     if steps_per_epoch < 1:
         raise ValueError(f"{n} training samples make no optimizer step of batch {t.batch_size} x "
@@ -453,7 +456,9 @@ def _num_parameters(cfg: Config, run: GridRun, num_classes: int) -> Optional[int
 
 # ----------------------------------------------------------------------------- running
 
-def _meta(cfg: Config, plan: Sequence[GridRun], part: Optional[Tuple[int, int]]) -> Dict[str, Any]:
+def results_meta(cfg: Config, plan: Sequence[GridRun],
+                 part: Optional[Tuple[int, int]] = None) -> Dict[str, Any]:
+    """What the results tables record besides the rows: title, the grid, the base settings, runs planned."""
     title = "Grid search" + (f" (part {part[0]} of {part[1]})" if part else "")
     t = cfg.train
     return {"title": title, "grid": dataclasses.asdict(cfg.grid), "part": list(part) if part else None,
@@ -502,7 +507,7 @@ def run_grid(cfg: Config, output: Union[str, Path], *, part: Optional[Tuple[int,
     num_classes = manifest["num_classes"]
     domains = _domains(plan)
     stem = f"results-part-{part[0]}-of-{part[1]}" if part else "results"
-    meta = _meta(cfg, plan, part)
+    meta = results_meta(cfg, plan, part)
     def say(msg: str):
         if not main:
             return

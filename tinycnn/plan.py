@@ -52,8 +52,7 @@ def model_description(cfg: Config, model: torch.nn.Module) -> Dict[str, Any]:
 
 def build_augment(cfg: Config, plan: RunPlan, model: torch.nn.Module, **kwargs) -> GPUAugment:
     """The run's GPUAugment, normalizing with the model's own mean/std (its pretrained_cfg)."""
-    norm = {k: tuple(v) for k, v in getattr(model, "pretrained_cfg", {}).items() if k in ("mean", "std") and v}
-    return GPUAugment.from_config({**dataclasses.asdict(cfg.augment), "enabled": plan.augment}, **norm, **kwargs)
+    return GPUAugment.for_model(model, {**dataclasses.asdict(cfg.augment), "enabled": plan.augment}, **kwargs)
 
 
 def build_optimizer(model: torch.nn.Module, opt: OptimizerConfig, plan: RunPlan, *,

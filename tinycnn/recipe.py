@@ -97,8 +97,8 @@ def config_from_args(args: argparse.Namespace, extra: Optional[List[str]] = None
 def ensure_data(cfg: Config, accelerator=None) -> str:
     """cfg.data.root, checked (and prepared when it is missing: from data.source, or downloaded for the default
     folder only). Under several processes the main process does it first; the others then only check."""
-    from .data import is_url
     from .prepare import ensure_prepared
+    from .storage import is_url
 
     d = cfg.data
     if is_url(d.root):
@@ -166,8 +166,13 @@ def run_main(fn) -> int:
     except (ConfigError, PrepareError, FileNotFoundError, KeyError, ValueError, RuntimeError, MemoryError) as e:
         if os.environ.get("TINYCNN_TRACEBACK") or getattr(sys, "_tinycnn_traceback", False):
             raise
+        from .train import TrainingStopped
+
+        if isinstance(e, TrainingStopped) and int(os.environ.get("RANK", "0")) > 0:
+            return 2  # every rank stops with the same message: rank 0 prints it
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
-        Console(stderr=True, soft_wrap=True).print(f"[bold red]error:[/bold red] {escape(str(msg))}", highlight=False)
+        label = "[bold yellow]stopped:[/bold yellow]" if isinstance(e, TrainingStopped) else "[bold red]error:[/bold red]"
+        Console(stderr=True, soft_wrap=True).print(f"{label} {escape(str(msg))}", highlight=False)
         return 2
 
 

@@ -16,7 +16,7 @@ from typing import Dict, Iterable, Iterator, Mapping, Tuple, Union
 
 from webdataset.tariterators import group_by_keys, tar_file_iterator
 
-__all__ = ["write_shard", "iter_samples", "tar_samples"]
+__all__ = ["write_shard", "tar_bytes", "iter_samples", "tar_samples"]
 
 _BLOCK = 512
 _GZIP_MAGIC = b"\x1f\x8b"

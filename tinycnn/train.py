@@ -21,13 +21,15 @@ from accelerate.utils import set_seed
 from timm.utils import unwrap_model
 
 from .config import Config, flatten
-from .data import DevicePrefetcher, DeviceResidentLoader, build_loader, read_manifest
+from .data import build_loader
 from .device import make_accelerator, out_of_memory_message
 from .environment import environment_info
 from .evaluation import evaluate
 from .plan import RunPlan, build_augment, build_lr_lambda, build_model, build_optimizer, optimizer_implementation
 from .progress import RunProgress
 from .step import TrainStep
+from .storage import read_manifest
+from .transfer import DevicePrefetcher, DeviceResidentLoader
 from .weights import atomic_write, save_model
 
 __all__ = ["train", "TrainingStopped"]
@@ -66,14 +68,18 @@ def train(cfg: Config, output: Path, *, resume: bool = False, accelerator: Optio
                                 subset=plan.train_subset, shuffle_buffer=d.shuffle_buffer, **common)
     val_loader = build_loader(d.root, d.val_split, batch_size=t.batch_size, train=False, subset=plan.val_subset,
                               **common)
+    loaders = [train_loader, val_loader]
     if d.device_resident:
-        once = build_loader(d.root, d.train_split, batch_size=t.batch_size, train=False, subset=plan.train_subset,
-                            **common)
-        batches = DeviceResidentLoader(once, device, num_batches=len(train_loader), batch_size=t.batch_size,
+        loaders.append(build_loader(d.root, d.train_split, batch_size=t.batch_size, train=False,
+                                    subset=plan.train_subset, **common))
+        batches = DeviceResidentLoader(loaders[-1], device, num_batches=len(train_loader), batch_size=t.batch_size,
                                        seed=t.seed)
     else:
         batches = DevicePrefetcher(train_loader, device)
     steps_per_epoch = len(train_loader) // t.grad_accum_steps
+    if steps_per_epoch < 1:
+        raise ValueError(f"the train split makes no optimizer step of train.batch_size={t.batch_size} x {world} "
+                         f"processes x train.grad_accum_steps={t.grad_accum_steps}: lower train.batch_size")
     total_steps = t.max_steps or steps_per_epoch * t.epochs
     epochs = math.ceil(total_steps / steps_per_epoch)
 
@@ -98,6 +104,8 @@ def train(cfg: Config, output: Path, *, resume: bool = False, accelerator: Optio
         accelerator.load_state(str(state_dir))
         state = json.loads((state_dir / "progress.json").read_text())
         state.pop("reason", None)
+        if accelerator.is_main_process:  # epochs logged after the saved state are trained again: log them once
+            _keep_metrics_until(output / "metrics.jsonl", state["epoch"])
         accelerator.print(f"resuming {output} at epoch {state['epoch']}, step {state['step']} of {total_steps}")
     elif resume:
         accelerator.print(f"--resume: no saved state in {state_dir} yet, starting from the beginning")
@@ -210,8 +218,8 @@ def train(cfg: Config, output: Path, *, resume: bool = False, accelerator: Optio
         else:  # only close this run's trackers: accelerator.end_training would destroy the process group
             for tracker in accelerator.trackers:
                 tracker.finish()
-        train_loader.close()
-        val_loader.close()
+        for loader in loaders:
+            loader.close()
 
     summary = {"output": str(output), "steps": state["step"], "total_steps": total_steps, "epochs": state["epoch"],
                "best_accuracy": state["best_accuracy"], "best_epoch": state["best_epoch"], "history": history,
@@ -221,7 +229,7 @@ def train(cfg: Config, output: Path, *, resume: bool = False, accelerator: Optio
     if stop_reason.startswith("loss is"):
         raise TrainingStopped(f"{stop_reason}: stopping (lower train.optimizer.lr or set train.grad_clip=1.0). "
                               f"The best checkpoint so far is kept in {output}")
-    raise TrainingStopped(f"stopped by {stop_reason} at step {state['step']}; resumable state saved in "
+    raise TrainingStopped(f"{stop_reason} at step {state['step']}; resumable state saved in "
                           f"{output / 'state'} (continue with --resume --output {output})")
 
 
@@ -261,6 +269,21 @@ class _StopSignals:
     def __exit__(self, *exc):
         for sig, handler in self._old.items():
             signal.signal(sig, handler)
+
+
+def _keep_metrics_until(path: Path, epoch: int):
+    """Drop the metrics.jsonl records after `epoch` (and a line torn by a kill): a resumed run logs them again."""
+    def keep(line: str) -> bool:
+        try:
+            return json.loads(line).get("epoch", 0) <= epoch
+        except (json.JSONDecodeError, AttributeError):
+            return False
+
+    if path.is_file():
+        lines = [line for line in path.read_text().splitlines() if line.strip()]
+        kept = [line for line in lines if keep(line)]
+        if len(kept) != len(lines):
+            atomic_write(path, lambda tmp: Path(tmp).write_text("".join(line + "\n" for line in kept)))
 
 
 def _log_epoch(accelerator: Accelerator, output: Path, record: Dict[str, Any]):

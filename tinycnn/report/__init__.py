@@ -53,6 +53,9 @@ def write_report(paths: Sequence[Union[str, Path]], output: Union[str, Path], *,
     (recipes/report.py passes its own)."""
     require_matplotlib()
     output = Path(output)
+    if output.exists() and not output.is_dir():
+        raise ReportError(f"{output} is a file: the report needs a folder (for report.md and figures/), "
+                          "give another --output")
     loaded = Loaded(collect(paths))
     figs = Figures(output / "figures")
     builders = [S.section_data, S.section_model, S.section_overfit, S.section_lr_finder, S.section_grid,

@@ -6,12 +6,12 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from .. import grid
+from ..lr_finder import REPORT_HINT  # one install hint for every plot
 from .inputs import ReportError
 
 __all__ = ["REPORT_HINT", "DPI", "require_matplotlib", "Figures", "plot_class_distribution", "plot_overfit",
            "plot_lr_finder", "plot_grid_curves", "plot_effects", "plot_training", "plot_comparison", "plot_classes"]
 
-REPORT_HINT = 'pip install "tinycnn[report]"'
 FIGSIZE, DPI = (7, 4), 120
 
 
@@ -104,6 +104,16 @@ def run_label(r: Dict[str, Any]) -> str:
                      (("lr", "lr"), ("weight_decay", "wd"), ("stage_channels", "ch"), ("stage_repeats", "rep")))
 
 
+def _plot_losses(ax, rec: List[Dict[str, Any]], train_label: str):
+    """Train and val loss per epoch."""
+    x, y = _curves(rec, "train/loss")
+    ax.plot(x, y, "o-", color="C0", label=train_label)
+    x, y = _curves(rec, "val/loss")
+    ax.plot(x, y, "s--", color="C1", label="val loss")
+    ax.set_ylabel("cross-entropy loss")
+    ax.set_title("Loss")
+
+
 def _plot_val_accuracy(ax, rec: List[Dict[str, Any]]):
     """Val top-1 (its best in the legend) and top-5 per epoch, on a 0-100% axis."""
     x, y = _curves(rec, "val/accuracy")
@@ -154,12 +164,7 @@ def plot_overfit(figs: Figures, run: Dict[str, Any]) -> str:
     """Loss and accuracy per epoch of an overfit run, train (the subset) beside val."""
     rec = run["metrics"]
     fig, (ax1, ax2) = _figure(2, size=(10, 3.8))
-    x, y = _curves(rec, "train/loss")
-    ax1.plot(x, y, "o-", color="C0", label="train loss (subset)")
-    x, y = _curves(rec, "val/loss")
-    ax1.plot(x, y, "s--", color="C1", label="val loss")
-    ax1.set_ylabel("cross-entropy loss")
-    ax1.set_title("Loss")
+    _plot_losses(ax1, rec, "train loss (subset)")
     _plot_val_accuracy(ax2, rec)
     x, y = _curves(rec, "train/accuracy")
     if y:  # runs from before train.py logged it have none
@@ -265,12 +270,7 @@ def plot_training(figs: Figures, run: Dict[str, Any]) -> str:
     """Loss, val accuracy and the lr schedule per epoch of a training run."""
     rec = run["metrics"]
     fig, (ax1, ax2, ax3) = _figure(3, size=(12, 3.8))
-    x, y = _curves(rec, "train/loss")
-    ax1.plot(x, y, "o-", color="C0", label="train loss (epoch mean)")
-    x, y = _curves(rec, "val/loss")
-    ax1.plot(x, y, "s--", color="C1", label="val loss")
-    ax1.set_ylabel("cross-entropy loss")
-    ax1.set_title("Loss")
+    _plot_losses(ax1, rec, "train loss (epoch mean)")
     _plot_val_accuracy(ax2, rec)
     ax2.set_title("Val accuracy")
     sched = _lr_schedule(run)

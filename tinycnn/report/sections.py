@@ -10,9 +10,9 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import yaml
 
 from .. import grid
-from ..formatting import count, dashed, number, percent, sci
-from . import figures as F
-from .figures import Figures
+from ..formatting import count, number, percent, sci
+from .figures import (Figures, plot_class_distribution, plot_classes, plot_comparison, plot_effects, plot_grid_curves,
+                      plot_lr_finder, plot_overfit, plot_training)
 from .inputs import KINDS, Loaded, checkpoint_metadata
 
 __all__ = ["SECTIONS", "HPARAMS", "Section", "hyperparameter_effects", "class_extremes", "holdout_note",
@@ -122,29 +122,30 @@ def holdout_note(evaluation: Dict[str, Any], manifest: Optional[Dict[str, Any]] 
 def _short(v: Any) -> Any:
     """Floats to 3 significant digits, also inside lists (for one-line settings)."""
     if isinstance(v, float):
-        return f"{v:.3g}"
+        return sci(v)
     if isinstance(v, (list, tuple)):
         return "[" + ", ".join(str(_short(x)) for x in v) + "]"
     return v
 
 
 def _settings(cfg: Optional[Dict[str, Any]]) -> str:
-    """The training settings of a config in one line, as train.py applies them (an overfit run trains
-    without augmentation, weight decay and label smoothing whatever the config says)."""
+    """The training settings of a config in one line, as train.py applies them (RunPlan: an overfit run
+    trains without augmentation, weight decay and label smoothing whatever the config says)."""
+    from ..config import ConfigError, from_dict
+    from ..plan import RunPlan
+
     if not cfg:
         return "(no config.yaml)"
-    t = cfg.get("train") or {}
-    o, s = t.get("optimizer") or {}, t.get("scheduler") or {}
-    overfit = bool(t.get("overfit_small"))
-    smoothing = 0.0 if overfit else t.get("label_smoothing")
-    decay = 0.0 if overfit else o.get("weight_decay")
-    augment = not overfit and (cfg.get("augment") or {}).get("enabled", True)
-    d = cfg.get("data") or {}
-    splits = (f", trained on split `{d.get('train_split')}`, validated on `{d.get('val_split')}`"
-              if (d.get("train_split", "train"), d.get("val_split", "val")) != ("train", "val") else "")
-    return (f"{o.get('name')} lr {sci(o.get('lr'))}, weight decay {sci(decay)}, scheduler "
-            f"{s.get('name')}, batch {t.get('batch_size')}, label smoothing {smoothing}, "
-            f"augmentation {'on' if augment else 'off'}{splits}")
+    try:
+        run = from_dict(cfg)
+    except ConfigError as e:
+        return f"(config.yaml not readable: {e})"
+    t, plan, d = run.train, RunPlan.from_config(run), run.data
+    splits = (f", trained on split `{d.train_split}`, validated on `{d.val_split}`"
+              if (d.train_split, d.val_split) != ("train", "val") else "")
+    return (f"{t.optimizer.name} lr {sci(t.optimizer.lr)}, weight decay {sci(plan.weight_decay)}, scheduler "
+            f"{t.scheduler.name}, batch {t.batch_size}, label smoothing {plan.label_smoothing}, "
+            f"augmentation {'on' if plan.augment else 'off'}{splits}")
 
 
 # ============================================================================= 1. Data
@@ -192,7 +193,7 @@ def section_data(ctx: Loaded, figs: Figures, s: Section):
           "loader decodes them to 3 identical channels.", "")
     names = [c.get("name", c["wnid"]) for c in manifest["classes"]] if manifest else None
     if any(st.get("class_counts") for st in stats.values()):
-        s.add(F.plot_class_distribution(figs, stats, names), "")
+        s.add(plot_class_distribution(figs, stats, names), "")
 
     s.add("### Augmentation", "")
     if checks is None:
@@ -333,7 +334,7 @@ def section_overfit(ctx: Loaded, figs: Figures, s: Section):
             s.missing_input(f"no metrics.jsonl in {run['path']}",
                             "python recipes/train.py --config recipes/configs/overfit.yaml")
             continue
-        s.add(F.plot_overfit(figs, run), "")
+        s.add(plot_overfit(figs, run), "")
         best = grid.best_record(rec)
         first, last = rec[0]["train/loss"], rec[-1]["train/loss"]
         s.add(f"Train loss {first:.4f} after epoch 1 -> **{last:.4f}** after epoch {rec[-1]['epoch']} "
@@ -363,7 +364,7 @@ def section_lr_finder(ctx: Loaded, figs: Figures, s: Section):
         if not r.get("points"):
             s.add("The sweep holds no points.", "")
             continue
-        s.add(F.plot_lr_finder(figs, r), "")
+        s.add(plot_lr_finder(figs, r), "")
         sug = r.get("suggested_lr")
         s.table(["", "value"], [
             ["suggested lr (steepest descent of the smoothed loss)", f"**{sci(sug)}**" if sug else "none (the loss never fell)"],
@@ -413,12 +414,12 @@ def section_grid(ctx: Loaded, figs: Figures, s: Section):
                   f"stage_channels=[{','.join(map(str, best['stage_channels']))}] "
                   f"stage_repeats=[{','.join(map(str, best['stage_repeats']))}]`).", "")
         if any(r["metrics"] for r in rows):
-            s.add(F.plot_grid_curves(figs, g), "")
+            s.add(plot_grid_curves(figs, g), "")
         effects = hyperparameter_effects(rows)
         s.add("### Effect of each hyperparameter" if len(ctx.grids) == 1 else "#### Effect of each hyperparameter", "",
               "Mean best val accuracy of the runs with each value (the other hyperparameters vary over the grid).", "")
         if any(e["mean_val_accuracy"] is not None for es in effects.values() for e in es):
-            s.add(F.plot_effects(figs, g, effects, HPARAMS), "")
+            s.add(plot_effects(figs, g, effects, HPARAMS), "")
         s.table(["hyperparameter", "value", "runs", "mean best val acc", "best val acc"],
                 [[label, e["label"], e["runs"] if e["with_result"] == e["runs"] else f"{e['with_result']} of {e['runs']}",
                   percent(e["mean_val_accuracy"]), percent(e["best_val_accuracy"])]
@@ -454,13 +455,13 @@ def section_full_training(ctx: Loaded, figs: Figures, s: Section):
         if not run["metrics"]:
             s.missing_input(f"no metrics.jsonl in {run['path']}", "python recipes/train.py")
             continue
-        s.add(F.plot_training(figs, run), "")
+        s.add(plot_training(figs, run), "")
         extra = (run.get("meta") or {}).get("extra") or {}
         if run.get("checkpoint") and extra.get("val_accuracy") is not None:
             s.add(f"Best checkpoint `{run['checkpoint'].name}`: epoch {extra.get('epoch')}, val accuracy "
                   f"{percent(extra['val_accuracy'])} on split `{extra.get('val_split', 'val')}`.", "")
     if len(runs) > 1:
-        s.add("### Comparison", "", F.plot_comparison(figs, runs), "")
+        s.add("### Comparison", "", plot_comparison(figs, runs), "")
 
 
 # ============================================================================= 7. Final evaluation
@@ -497,7 +498,7 @@ def section_evaluation(ctx: Loaded, figs: Figures, s: Section, top: int = 5):
                 [[which, i + 1, c["index"], c["wnid"], c["name"], percent(c["accuracy"], 1), c.get("num_samples", "-")]
                  for which, classes in (("most", most), ("least", least)) for i, c in enumerate(classes)],
                 right=(1, 2, 5, 6))
-        s.add(F.plot_classes(figs, e), "")
+        s.add(plot_classes(figs, e), "")
 
 
 # ============================================================================= 8. Reproducibility
