@@ -11,6 +11,8 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
+from tinycnn.environment import available_cpus
+
 # ----------------------------------------------------------------------------- settings
 
 
@@ -33,7 +35,7 @@ def _env_flag(name: str, default: bool) -> bool:
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 ON_CUDA = DEVICE.type == "cuda"
-NCORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+NCORES = available_cpus()
 #: train shards repeated this many times (18 x 5,000 = 90,000 images = one full Tiny ImageNet epoch)
 REPEAT = _env_int("TINYCNN_BENCH_REPEAT", 18 if ON_CUDA else 4)
 #: torch.compile variants of the train step (off on CPU by default: compiling takes ~1 min per variant)

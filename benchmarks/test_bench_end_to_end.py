@@ -123,7 +123,8 @@ WORKERS = [None] + ([8] if ON_CUDA and NCORES > 9 else [])
 
 @pytest.mark.parametrize("workers", WORKERS, ids=lambda w: "default_workers" if w is None else f"{w}_workers")
 def test_streaming(bench_factory, bench_data, workers):
-    from tinycnn.data import DevicePrefetcher, build_loader
+    from tinycnn.data import build_loader
+    from tinycnn.transfer import DevicePrefetcher
 
     bench = bench_factory(GROUP)
     step, model, optimizer = _step()
@@ -157,7 +158,8 @@ def test_streaming(bench_factory, bench_data, workers):
 
 
 def test_device_resident(bench_factory, bench_data):
-    from tinycnn.data import DeviceResidentLoader, build_loader
+    from tinycnn.data import build_loader
+    from tinycnn.transfer import DeviceResidentLoader
 
     bench = bench_factory(GROUP)
     step, model, optimizer = _step()

@@ -87,7 +87,7 @@ FEED_LABELS = {
 @pytest.mark.parametrize("feed", FEEDS)
 def test_copy_overlap(bench_factory, feed):
     from tinycnn.augment import GPUAugment, eval_transform
-    from tinycnn.data import DevicePrefetcher
+    from tinycnn.transfer import DevicePrefetcher
 
     bench = bench_factory(GROUP)
     step, model, optimizer = make_step(channels_last=True, bf16=True)

@@ -21,7 +21,8 @@ from tinycnn.recipe import relaunch_multi_cpu, run_main  # noqa: E402
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", required=True, help="a .safetensors file written by tinycnn")
+    parser.add_argument("--checkpoint", required=True, help="a .safetensors file written by tinycnn (best.safetensors), or a folder "
+                                                               "written by tinycnn-export")
     parser.add_argument("--data", default="shards/tiny-imagenet", help="a tinycnn-prepare output folder")
     parser.add_argument("--split", default="test", help="split to evaluate (default: test)")
     parser.add_argument("--batch_size", "--batch-size", type=int, default=256, dest="batch_size")

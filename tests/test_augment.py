@@ -11,9 +11,10 @@ import zipfile
 import pytest
 import torch
 import torchvision.transforms.v2.functional as TF
+from timm.data import IMAGENET_DEFAULT_MEAN as IMAGENET_MEAN, IMAGENET_DEFAULT_STD as IMAGENET_STD
 from torchvision.io import ImageReadMode, decode_jpeg
 
-from tinycnn.augment import (IMAGENET_MEAN, IMAGENET_STD, JITTER_OPS, PARAM_KEYS, EvalTransform, GPUAugment,
+from tinycnn.augment import (JITTER_OPS, PARAM_KEYS, EvalTransform, GPUAugment,
                              eval_transform)
 
 TOL = 2 / 255          # the spec: every pixel within 2/255 of torchvision (in [0, 1] units)

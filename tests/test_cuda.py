@@ -2,7 +2,7 @@
 
 What can run on the CPU is tested there too: tests/test_step.py (the step, accelerate, torch.compile
 recompiles and partial batches with aot_eager), tests/test_augment.py (no host reads in sample(), the
-compiled apply), tests/test_data.py (the prefetcher's logic).  `bash .ci/gpu` runs this file first.
+compiled apply), tests/test_transfer.py (the prefetcher's logic).  `bash .ci/gpu` runs this file first.
 """
 import contextlib
 import types
@@ -52,7 +52,7 @@ def no_host_sync():
 def test_prefetcher_orders_copies_before_use_and_records_the_stream(monkeypatch):
     """While the compute stream is busy, batch n+1 copies on the side stream; each batch's values must be
     its own (the compute stream waited for its copy) and each tensor record_stream'd on the compute stream."""
-    from tinycnn.data import DevicePrefetcher
+    from tinycnn.transfer import DevicePrefetcher
 
     recorded = []
     real = torch.Tensor.record_stream
@@ -77,7 +77,8 @@ def test_prefetcher_orders_copies_before_use_and_records_the_stream(monkeypatch)
 def test_pinned_batches_with_persistent_workers(sample_shards):
     """The loader's batches arrive pinned (a non_blocking copy from pageable memory blocks the host), in the
     first epoch and in the next one served by the same persistent workers."""
-    from tinycnn.data import DevicePrefetcher, build_loader
+    from tinycnn.data import build_loader
+    from tinycnn.transfer import DevicePrefetcher
 
     loader = build_loader(sample_shards, "train", batch_size=64, train=True, num_workers=2)
     DevicePrefetcher(loader, DEV)                        # what training builds around it (may decide pinning)
@@ -198,7 +199,7 @@ def test_bf16_fused_adamw_with_clipping_learns_a_batch():
 # ----------------------------------------------------------------------------- device-resident data
 
 def test_device_resident_memory_check():
-    from tinycnn.data import DeviceResidentLoader
+    from tinycnn.transfer import DeviceResidentLoader
 
     def fake_loader(num_samples):
         stream = types.SimpleNamespace(image_shape=(3, 64, 64), world_size=1)

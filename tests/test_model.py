@@ -1,14 +1,11 @@
 import json
-import subprocess
-import sys
 
 import pytest
 import timm
 import torch
 
-import tinycnn
+import tinycnn  # noqa: F401  (registers the tinycnn models with timm)
 from tinycnn.model import TinyCNN
-from tinycnn.weights import WeightsError, load_model, read_metadata, save_model
 
 VARIANTS = timm.list_models("tinycnn*")
 

@@ -1,4 +1,5 @@
-"""Shards read from a URL: a loopback HTTP server (http.server on 127.0.0.1) serving prepared folders."""
+"""tinycnn.storage: shards read from a URL (a loopback HTTP server on 127.0.0.1 serving prepared folders, pipe:,
+fsspec) give the loader the same batches as the folder; failures are retried or one line."""
 import contextlib
 import functools
 import gzip
@@ -12,8 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
-import tinycnn.data as data
-from tinycnn.data import ShardError, ShardStream, build_loader, read_manifest, split_shards
+import tinycnn.storage as storage
+from tinycnn.data import ShardStream, build_loader, split_shards
+from tinycnn.storage import ShardError, is_url, locate, read_manifest
 
 from test_data import make_shards
 
@@ -53,7 +55,7 @@ def serve(folder, fail=None):
 
 @pytest.fixture
 def fast_retries(monkeypatch):
-    monkeypatch.setattr(data, "RETRY_WAIT", 0.01)  # forked workers inherit it
+    monkeypatch.setattr(storage, "RETRY_WAIT", 0.01)  # forked workers inherit it
 
 
 def batches(root, split, **kw):
@@ -67,7 +69,7 @@ def batches(root, split, **kw):
 def keyed_samples(root, split, rank, world_size, workers):
     """(key, label) of what each (rank, worker) consumer reads, over all of them."""
     manifest = read_manifest(root)
-    shards = [(data._locate(root, s["file"]), s["num_samples"]) for s in manifest["splits"][split]["shards"]]
+    shards = [(locate(root, s["file"]), s["num_samples"]) for s in manifest["splits"][split]["shards"]]
     stream = ShardStream(shards, batch_size=1, train=False, rank=rank, world_size=world_size)
     out = Counter()
     for w in range(workers):
@@ -234,3 +236,11 @@ def test_training_and_evaluation_from_a_url(sample_shards, tmp_path):
     local = evaluate_checkpoint(weights, sample_shards, "test", num_workers=1)
     assert summary["steps"] == 4 and remote["num_samples"] == local["num_samples"] == 500
     assert (remote["accuracy"], remote["loss"], remote["top5"]) == (local["accuracy"], local["loss"], local["top5"])
+
+
+def test_is_url():
+    for url in ("http://host/shards", "https://host/a/b/", "s3://bucket/shards", "gs://b/x", "file:///tmp/x",
+                "pipe:curl -s https://host/shards/{}"):
+        assert is_url(url), url
+    for path in ("shards/tiny-imagenet", "/abs/path", "C:\\shards", "c:/shards", "./http:x"):
+        assert not is_url(path), path

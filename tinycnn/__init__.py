@@ -5,7 +5,8 @@
 __version__ = "0.1.0"
 
 from .augment import GPUAugment, eval_transform  # noqa: F401
-from .data import DevicePrefetcher, build_loader  # noqa: F401
+from .data import build_loader  # noqa: F401
 from .hub import export_hub, push_hub  # noqa: F401
 from .model import TinyCNN  # noqa: F401  (registers the timm models)
+from .transfer import DevicePrefetcher  # noqa: F401
 from .weights import load_model, read_metadata, save_model  # noqa: F401

@@ -46,20 +46,16 @@ from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import nn
 
 __all__ = [
-    "IMAGENET_MEAN",
-    "IMAGENET_STD",
     "JITTER_OPS",
     "PARAM_KEYS",
     "GPUAugment",
     "EvalTransform",
     "eval_transform",
 ]
-
-IMAGENET_MEAN: Tuple[float, float, float] = (0.485, 0.456, 0.406)
-IMAGENET_STD: Tuple[float, float, float] = (0.229, 0.224, 0.225)
 
 #: the colour ops in the numbering used by ``params["jitter_order"]``
 JITTER_OPS: Tuple[str, str, str, str] = ("brightness", "contrast", "saturation", "hue")
@@ -204,8 +200,8 @@ def _slot_table(blend_ops: Sequence[int], hue_on: bool) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------- eval / normalize
 
-def eval_transform(images: torch.Tensor, mean: Optional[Sequence[float]] = IMAGENET_MEAN,
-                   std: Optional[Sequence[float]] = IMAGENET_STD, out_dtype: Union[str, torch.dtype] = torch.float32,
+def eval_transform(images: torch.Tensor, mean: Optional[Sequence[float]] = IMAGENET_DEFAULT_MEAN,
+                   std: Optional[Sequence[float]] = IMAGENET_DEFAULT_STD, out_dtype: Union[str, torch.dtype] = torch.float32,
                    channels_last: bool = False) -> torch.Tensor:
     """Validation / test transform: uint8 (B, 3, H, W) -> float in [0, 1] -> (x - mean) / std.
 
@@ -225,7 +221,7 @@ def eval_transform(images: torch.Tensor, mean: Optional[Sequence[float]] = IMAGE
 class EvalTransform(nn.Module):
     """:func:`eval_transform` as a module: mean/std are buffers that move with ``.to(device)``."""
 
-    def __init__(self, mean: Optional[Sequence[float]] = IMAGENET_MEAN, std: Optional[Sequence[float]] = IMAGENET_STD,
+    def __init__(self, mean: Optional[Sequence[float]] = IMAGENET_DEFAULT_MEAN, std: Optional[Sequence[float]] = IMAGENET_DEFAULT_STD,
                  out_dtype: Union[str, torch.dtype] = torch.float32, channels_last: bool = False):
         super().__init__()
         stats = _norm_values(mean, std)
@@ -280,7 +276,7 @@ class GPUAugment(EvalTransform):
     def __init__(self, crop_padding: Optional[int] = 4, flip_p: float = 0.5,
                  brightness: _Range = 0.2, contrast: _Range = 0.2, saturation: _Range = 0.2, hue: _Range = 0.05,
                  jitter_p: float = 1.0,
-                 mean: Optional[Sequence[float]] = IMAGENET_MEAN, std: Optional[Sequence[float]] = IMAGENET_STD,
+                 mean: Optional[Sequence[float]] = IMAGENET_DEFAULT_MEAN, std: Optional[Sequence[float]] = IMAGENET_DEFAULT_STD,
                  out_dtype: Union[str, torch.dtype] = torch.float32, channels_last: bool = False):
         super().__init__(mean=mean, std=std, out_dtype=out_dtype, channels_last=channels_last)
         padding = int(crop_padding or 0)

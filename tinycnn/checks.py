@@ -21,8 +21,9 @@ import torch.nn.functional as F
 
 from .augment import GPUAugment
 from .config import Config
+from .data import build_loader
 from .formatting import percent
-from .data import build_loader, read_manifest
+from .storage import read_manifest
 
 __all__ = ["CheckError", "split_stats", "split_labels", "check_batch_shape", "baselines", "initial_loss",
            "gradient_check", "save_augment_grid", "grid_size", "run_checks", "print_checks", "LOSS_TOLERANCE"]

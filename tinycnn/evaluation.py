@@ -10,7 +10,9 @@ from accelerate import Accelerator
 from timm.utils import unwrap_model
 
 from .augment import EvalTransform, eval_transform
-from .data import DevicePrefetcher, build_loader, read_manifest
+from .data import build_loader
+from .storage import read_manifest
+from .transfer import DevicePrefetcher
 from .weights import WeightsError, load_model, read_metadata
 
 __all__ = ["evaluate", "evaluate_checkpoint"]

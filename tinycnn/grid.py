@@ -36,8 +36,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 import yaml
 
 from .config import Config, flatten, from_dict
-from .data import read_manifest
 from .formatting import count, dashed, number, percent
+from .storage import read_manifest
 
 __all__ = ["GridRun", "format_lr", "format_wd", "format_value", "short_name", "run_name", "is_run_folder", "grid_plan",
            "run_config", "parse_part", "select_part", "expected_steps", "read_metrics", "best_record", "run_status",

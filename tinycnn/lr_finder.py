@@ -21,11 +21,12 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Union
 
 import torch
-import torch.nn.functional as F
 
 from .config import Config
-from .data import DevicePrefetcher, build_loader, read_manifest
+from .data import build_loader
 from .plan import model_description
+from .storage import read_manifest
+from .transfer import DevicePrefetcher
 
 __all__ = ["lr_sweep", "smooth_losses", "suggest_lr", "stop_check", "find_lr", "write_results", "plot_lr_finder"]
 

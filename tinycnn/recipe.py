@@ -97,8 +97,8 @@ def config_from_args(args: argparse.Namespace, extra: Optional[List[str]] = None
 def ensure_data(cfg: Config, accelerator=None) -> str:
     """cfg.data.root, checked (and prepared when it is missing: from data.source, or downloaded for the default
     folder only). Under several processes the main process does it first; the others then only check."""
-    from .data import is_url
     from .prepare import ensure_prepared
+    from .storage import is_url
 
     d = cfg.data
     if is_url(d.root):

@@ -21,13 +21,15 @@ from accelerate.utils import set_seed
 from timm.utils import unwrap_model
 
 from .config import Config, flatten
-from .data import DevicePrefetcher, DeviceResidentLoader, build_loader, read_manifest
+from .data import build_loader
 from .device import make_accelerator, out_of_memory_message
 from .environment import environment_info
 from .evaluation import evaluate
 from .plan import RunPlan, build_augment, build_lr_lambda, build_model, build_optimizer, optimizer_implementation
 from .progress import RunProgress
 from .step import TrainStep
+from .storage import read_manifest
+from .transfer import DevicePrefetcher, DeviceResidentLoader
 from .weights import atomic_write, save_model
 
 __all__ = ["train", "TrainingStopped"]
