@@ -44,7 +44,7 @@ def main() -> int:
     ensure_data(cfg, accelerator)
     tolerance = LOSS_TOLERANCE if args.loss_tolerance is None else args.loss_tolerance
     out, lock = claim_output(args.output, args, what="set of checks", is_main=accelerator.is_main_process,
-                             say=lambda m: Console().print(m, highlight=False))
+                             say=lambda m: Console(soft_wrap=True).print(m, highlight=False))
     try:
         results = run_checks(cfg, out, accelerator=accelerator, num_images=args.num_images, nrow=args.nrow,
                              loss_tolerance=tolerance)

@@ -47,7 +47,7 @@ def main() -> int:
     accelerator = make_accelerator(cfg.replace(["train.grad_accum_steps=1"]), log=False)
     ensure_data(cfg, accelerator)
     out, lock = claim_output(args.output, args, what="LR finder result", is_main=accelerator.is_main_process,
-                             say=lambda m: Console().print(m, highlight=False))
+                             say=lambda m: Console(soft_wrap=True).print(m, highlight=False))
     try:
         result = find_lr(cfg, out, accelerator=accelerator, progress=not args.no_progress, plot=not args.no_plot)
     finally:

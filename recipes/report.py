@@ -49,7 +49,7 @@ def main() -> int:
 
     console = Console()
     output, lock = claim_folder(args.output, overwrite=args.overwrite, what="report",
-                                say=lambda m: console.print(m, highlight=False))
+                                say=lambda m: console.print(m, highlight=False, soft_wrap=True))
     try:
         report = write_report(args.inputs, output, title=args.title, top=args.top,
                               command=["python", "recipes/report.py", *sys.argv[1:]])

@@ -45,12 +45,12 @@ def main() -> int:
     say = console.print if state.is_main_process else (lambda *a, **k: None)
     ensure_data(cfg, state)
     output, lock = claim_output(args.output or str(Path("checkpoints") / cfg.run_name), args,
-                                is_main=state.is_main_process, say=lambda m: say(m, highlight=False))
+                                is_main=state.is_main_process, say=lambda m: say(m, highlight=False, soft_wrap=True))
     try:
         from tinycnn.train import train
 
         accelerator = make_accelerator(cfg, output)
-        say(f"run folder: {output}", highlight=False)
+        say(f"run folder: {output}", highlight=False, soft_wrap=True)
         summary = train(cfg, output, resume=args.resume, accelerator=accelerator, progress=not args.no_progress)
     except BaseException:
         if state.is_main_process:

@@ -1,9 +1,7 @@
 """Grid search (tinycnn.grid, recipes/grid_search.py): naming and planning, reading results back, and the
 recipe on the real 10-class sample with a 2-stage 8/16-channel model and a handful of steps."""
 import csv
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,14 +11,6 @@ from tinycnn import grid
 from tinycnn.config import load_config
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def run_recipe(name, args, monkeypatch):
-    monkeypatch.setattr(sys, "argv", [f"recipes/{name}.py", *map(str, args)])
-    spec = importlib.util.spec_from_file_location(f"recipe_{name}", REPO / "recipes" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main()
 
 
 # ============================================================================= naming, planning, tables
@@ -247,19 +237,20 @@ def test_grid_search_skips_finished_runs(grid_run, monkeypatch):
     assert [r["name"] for r in merged] == [r["name"] for r in results]
 
 
-def test_grid_search_recipe_part_and_merge(grid_run, monkeypatch, capsys):
+def test_grid_search_recipe_part_and_merge(grid_run, run_recipe):
     """The command line a --gpus part process gets, then --merge: the merged table of every run folder."""
     cfg, out, results = grid_run
     (out / "results.md").unlink()
     args = ["--data", cfg.data.root, "--output", str(out), "--gpus", "0,1", *GRID]
     part = grid.child_argv(args) + ["--part", "0/2", "--no-progress"]
-    assert run_recipe("grid_search", part, monkeypatch) == 0
-    printed = capsys.readouterr().out
+    proc = run_recipe("grid_search", *part)
+    assert proc.returncode == 0, proc.stderr
+    printed = proc.stdout
     assert f"{NAMES[0]}: finished before, skipped" in printed and NAMES[1] not in printed
     rows = list(csv.DictReader((out / "results-part-0-of-2.csv").open()))
     assert [r["name"] for r in rows] == [NAMES[0]]
     assert not (out / "results.md").exists()
-    assert run_recipe("grid_search", grid.child_argv(args) + ["--merge"], monkeypatch) == 0
+    assert run_recipe("grid_search", *grid.child_argv(args), "--merge").returncode == 0
     rows = list(csv.DictReader((out / "results.csv").open()))
     assert [r["name"] for r in rows] == [r["name"] for r in results]
     assert NAMES[0] in (out / "results.md").read_text()

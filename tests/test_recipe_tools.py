@@ -12,10 +12,8 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from torchvision.io import ImageReadMode, decode_png, read_file
 
-from tinycnn import grid
 from tinycnn.checks import (CheckError, baselines, check_batch_shape, gradient_check, grid_size, initial_loss,
                             save_augment_grid)
 from tinycnn.augment import GPUAugment
