@@ -197,3 +197,12 @@ def test_an_empty_data_folder_is_an_error_not_a_download(tmp_path, run_recipe):
     assert proc.returncode == 2 and "empty" in proc.stderr and "tinycnn-prepare" in proc.stderr, proc.stderr
     assert "download" not in proc.stdout.lower() and not (tmp_path / "downloads").exists()
     assert not (tmp_path / "run").exists()
+
+
+def test_an_unreachable_data_url_is_an_error_before_a_run_folder(tmp_path, run_recipe, monkeypatch):
+    import tinycnn.storage
+
+    monkeypatch.setattr(tinycnn.storage, "RETRY_WAIT", 0.0)
+    proc = run_recipe("train", "--data", "http://127.0.0.1:9/shards", "--output", tmp_path / "run")
+    assert proc.returncode == 2 and "http://127.0.0.1:9/shards/manifest.json" in proc.stderr, proc.stderr
+    assert not (tmp_path / "run").exists()

@@ -98,10 +98,11 @@ def ensure_data(cfg: Config, accelerator=None) -> str:
     """cfg.data.root, checked (and prepared when it is missing: from data.source, or downloaded for the default
     folder only). Under several processes the main process does it first; the others then only check."""
     from .prepare import ensure_prepared
-    from .storage import is_url
+    from .storage import is_url, read_manifest
 
     d = cfg.data
-    if is_url(d.root):
+    if is_url(d.root):  # nothing to prepare there: check that its manifest can be read, before a run folder exists
+        read_manifest(d.root)
         return d.root
     download = d.download and Path(d.root) == Path(DEFAULT_DATA_ROOT)
 
