@@ -186,8 +186,10 @@ def test_checks_recipe_on_sample(sample_shards, tmp_path, run_recipe):
 def test_lr_finder_recipe_on_sample(sample_shards, tmp_path, run_recipe):
     out = tmp_path / "lrf"
     proc = run_recipe("lr_finder", "--data", sample_shards, "--output", out, "--min_lr", "1e-4", "--max_lr", "0.1",
-                      "--num_iters", 12, "--no-progress", *TINY)
+                      "--num_iters", 12, "train.progress_seconds=0.001", *TINY)
     assert proc.returncode == 0, proc.stderr
+    # its output is not a terminal here (a job log): plain progress lines
+    assert "lr finder step 12/12 lr 1.00e-01 loss" in proc.stdout and "ETA" in proc.stdout
     r = json.loads((out / "lr_finder.json").read_text())
     assert (r["min_lr"], r["max_lr"], r["num_iters"]) == (1e-4, 0.1, 12)  # the flags reached the sweep
     lrs = [p["lr"] for p in r["points"]]

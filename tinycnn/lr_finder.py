@@ -25,6 +25,7 @@ import torch
 from .config import Config
 from .data import build_loader
 from .plan import model_description
+from .progress import RunProgress
 from .storage import read_manifest
 from .transfer import DevicePrefetcher
 
@@ -132,16 +133,14 @@ def find_lr(cfg: Config, output: Optional[Union[str, Path]] = None, *, accelerat
             yield from DevicePrefetcher(loader, device)
             epoch += 1
 
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-    bar = Progress(TextColumn("[bold]lr finder"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
-                   TimeElapsedColumn(), disable=not (progress and accelerator.is_main_process))
+    bar = RunProgress(len(lrs), enabled=progress and accelerator.is_main_process, interval_s=t.progress_seconds)
     points: List[Dict[str, Any]] = []
     best = float("inf")
     stop_reason = None
     step, micro, loss_sum = 0, 0, torch.zeros((), device=device)
     stream = batches()
     with bar, closing(stream):  # closing: the loader's worker processes stop with the sweep
-        task = bar.add_task("", total=len(lrs), info="")
+        bar.start("lr finder", len(lrs))
         for images, labels in stream:
             for group in optimizer.param_groups:
                 group["lr"] = lrs[step]
@@ -155,8 +154,8 @@ def find_lr(cfg: Config, output: Optional[Union[str, Path]] = None, *, accelerat
             losses = [p["loss"] for p in points] + [value]
             smoothed = smooth_losses(losses, s.smooth)[-1] if math.isfinite(value) else float("nan")
             points.append({"step": step, "lr": lrs[step], "loss": value, "smoothed_loss": smoothed})
-            bar.update(task, advance=1, info=f"lr {lrs[step]:.2e} loss {value:.3f}")
             step += 1
+            bar.advance(step, f"lr {lrs[step - 1]:.2e} loss {value:.3f}")
             if math.isfinite(smoothed):
                 best = min(best, smoothed)
             stop_reason = stop_check(value, smoothed, best, s.diverge_factor, lrs[step - 1])

@@ -39,9 +39,13 @@ class RunProgress:
             self._bar.__exit__(*exc)
 
     def start_epoch(self, epoch: int, epochs: int, batches: int, done: int = 0):
-        self._epoch_text = f"epoch {epoch + 1}/{epochs}"
+        self.start(f"epoch {epoch + 1}/{epochs}", batches, done)
+
+    def start(self, description: str, batches: int, done: int = 0):
+        """A new bar (a new line prefix off a terminal): `batches` to go, `done` of them already."""
+        self._epoch_text = description
         if self._bar is not None:
-            self._task = self._bar.add_task(self._epoch_text, total=batches, completed=done, info="")
+            self._task = self._bar.add_task(description, total=batches, completed=done, info="")
 
     def advance(self, step: int, info: Optional[str] = None, new_step: bool = True):
         """One batch done; `step` is the optimizer step count, `info` e.g. "loss 2.345  12,345 img/s"."""
