@@ -34,3 +34,23 @@ def test_cuda_out_of_memory_is_one_clear_line(sample_shards, tmp_path):
     finally:
         torch.cuda.set_per_process_memory_fraction(1.0)
         torch.cuda.empty_cache()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: cudnn settings only matter on a GPU")
+@pytest.mark.real_data
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_cudnn_autotuning_follows_train_deterministic(sample_shards, tmp_path, deterministic):
+    """Fixed 64x64 shapes: cudnn.benchmark picks the fastest kernels once; train.deterministic turns it off."""
+    from tinycnn.train import train
+
+    cfg = load_config(None, [f"data.root={sample_shards}", "train.batch_size=64", "train.max_steps=1",
+                             "train.val_subset_size=64", "data.num_workers=0",
+                             f"train.deterministic={str(deterministic).lower()}"])
+    before = torch.backends.cudnn.benchmark
+    try:
+        train(cfg, tmp_path / "run", progress=False)
+        assert torch.backends.cudnn.benchmark is (not deterministic)
+        assert torch.backends.cuda.matmul.allow_tf32 or deterministic
+    finally:
+        torch.backends.cudnn.benchmark = before
+        torch.use_deterministic_algorithms(False)
