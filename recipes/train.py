@@ -61,7 +61,7 @@ def main() -> int:
             _print_history(console, cfg.run_name, summary)
         console.print(f"best val accuracy {summary['best_accuracy']:.2%} (epoch {summary['best_epoch']}) in "
                       f"{summary['epochs']} epochs, {summary['steps']} steps: {output / 'best.safetensors'}",
-                      highlight=False)
+                      highlight=False, soft_wrap=True)
     return 0
 
 

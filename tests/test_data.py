@@ -37,13 +37,6 @@ def make_shards(root, num_samples=103, num_shards=5, num_classes=7, corrupt=None
     return root
 
 
-def keys_of(root, split="train", **kw):
-    """Keys in the order a loader yields them, via a loader over (key-carrying) labels."""
-    loader = build_loader(root, split, **kw)
-    labels = [y for _, y in loader]
-    return loader, torch.cat(labels) if labels else torch.empty(0, dtype=torch.int64)
-
-
 @pytest.mark.parametrize("num_shards,consumers", [(5, 1), (5, 2), (5, 5), (3, 4), (2, 7), (64, 6)])
 def test_split_shards_is_an_exact_partition(num_shards, consumers):
     shards = [(f"s{j}", 10 + j) for j in range(num_shards)]

@@ -66,6 +66,15 @@ def batches(root, split, **kw):
     return out
 
 
+def assert_same_over_http(folder, expected, split, **kw):
+    """The batches of `folder`, read from disk and from a loopback HTTP server, equal `expected`."""
+    with serve(folder) as (_, url):
+        for root in (folder, url):
+            got = batches(root, split, **kw)
+            assert len(got) == len(expected)
+            assert all(torch.equal(a, c) and torch.equal(b, d) for (a, b), (c, d) in zip(got, expected))
+
+
 def keyed_samples(root, split, rank, world_size, workers):
     """(key, label) of what each (rank, worker) consumer reads, over all of them."""
     manifest = read_manifest(root)
@@ -181,12 +190,7 @@ def test_gzip_shards_read_the_same_locally_and_over_http(tmp_path):
         s["file"] += ".gz"
     (packed / "manifest.json").write_text(json.dumps(manifest))
     kw = dict(batch_size=4, train=False, num_workers=0)
-    expected = batches(plain, "train", **kw)
-    with serve(packed) as (_, url):
-        for root in (packed, url):
-            got = batches(root, "train", **kw)
-            assert len(got) == len(expected)
-            assert all(torch.equal(a, c) and torch.equal(b, d) for (a, b), (c, d) in zip(got, expected))
+    assert_same_over_http(packed, batches(plain, "train", **kw), "train", **kw)
 
 
 def test_pipe_and_fsspec_roots(tmp_path):
@@ -209,12 +213,7 @@ def test_prepare_compress_shards_read_the_same_over_http(sample_zip, sample_shar
     manifest = prepare(sample_zip, packed, compress=True, progress=False)
     assert all(s["file"].endswith(".tar.gz") for s in manifest["splits"]["val"]["shards"])
     kw = dict(batch_size=64, train=False, num_workers=1)
-    expected = batches(sample_shards, "val", **kw)
-    with serve(packed) as (_, url):
-        for root in (packed, url):
-            got = batches(root, "val", **kw)
-            assert len(got) == len(expected)
-            assert all(torch.equal(a, c) and torch.equal(b, d) for (a, b), (c, d) in zip(got, expected))
+    assert_same_over_http(packed, batches(sample_shards, "val", **kw), "val", **kw)
 
 
 @pytest.mark.real_data
