@@ -14,14 +14,18 @@ model with timm alone. Both need huggingface_hub (`pip install "tinycnn[hub]"`);
 `local-dir:` needs timm >= 1.0.16.
 """
 import importlib.util
+import os
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple, Union
 
-from .weights import HUB_CONFIG, HUB_WEIGHTS, WeightsError, load_model, read_metadata, umask_mode
+from .weights import HUB_CONFIG, HUB_WEIGHTS, WeightsError, load_model, read_json_file, read_metadata, umask_mode
 
 __all__ = ["export_hub", "push_hub"]
+
+HUB_README = "README.md"  # the model card push_to_hf_hub writes beside the config and weights
+EXPORTED_FILES = frozenset({HUB_CONFIG, HUB_WEIGHTS, HUB_README})
 
 
 def _require_hf_hub():
@@ -64,13 +68,14 @@ def export_hub(weights: Union[str, Path], out_dir: Union[str, Path]) -> Path:
     """Write `weights` (a tinycnn .safetensors file or model folder) as a timm model folder at `out_dir`.
 
     The folder is written beside `out_dir` and renamed into place: an interrupted export leaves the
-    previous one (or nothing). An existing `out_dir` must be empty or an earlier export.
+    previous one (or nothing). An existing `out_dir` must be an empty folder or an earlier export
+    (see _replaceable): nothing else is ever replaced.
     """
     _require_hf_hub()
     from timm.models import save_for_hf
 
     out_dir = Path(out_dir)
-    if out_dir.exists() and not _replaceable(out_dir):
+    if os.path.lexists(out_dir) and not _replaceable(out_dir):
         raise WeightsError(f"{out_dir} exists and is not an exported model folder: give a new or empty --out")
     meta = read_metadata(weights)
     model = load_model(weights)
@@ -109,16 +114,54 @@ def push_hub(weights: Union[str, Path], repo_id: str, *, private: bool = False, 
 
 
 def _replaceable(folder: Path) -> bool:
-    return folder.is_dir() and (not any(folder.iterdir()) or (folder / HUB_CONFIG).is_file()
-                                and (folder / HUB_WEIGHTS).is_file())
+    """Whether `folder` may be replaced by an export: an empty folder, or one tinycnn-export wrote.
+
+    An export is config.json and model.safetensors (and README.md when pushed) as plain files, nothing
+    else, with a config.json that tinycnn wrote (a JSON object with an architecture and a "tinycnn"
+    entry). Symlinks are never followed: a symlinked folder or file inside makes it not replaceable.
+    """
+    if folder.is_symlink() or not folder.is_dir():
+        return False
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return False
+    if not entries:
+        return True
+    names = {e.name for e in entries}
+    if not {HUB_CONFIG, HUB_WEIGHTS} <= names <= EXPORTED_FILES:
+        return False
+    if not all(e.is_file(follow_symlinks=False) for e in entries):
+        return False
+    try:
+        config = read_json_file(folder / HUB_CONFIG, "not a timm model config")
+    except WeightsError:
+        return False
+    return isinstance(config, dict) and isinstance(config.get("architecture"), str) and "tinycnn" in config
 
 
 def _swap_into_place(new: Path, target: Path):
-    """Rename `new` onto `target`; an earlier export there is moved aside first and removed after."""
+    """Rename `new` onto `target`; an earlier export there is moved aside first and removed after.
+
+    The moved-aside folder is checked again (it may have changed since export_hub looked) and only the
+    files an export holds are deleted from it: anything else is put back or left in place.
+    """
     old = None
-    if target.exists():
+    if os.path.lexists(target):
         old = target.with_name(f".{target.name}.old-{new.name}")
-        target.rename(old)
+        target.rename(old)  # renames a symlink itself, never what it points to
+        if not _replaceable(old):
+            old.rename(target)
+            raise WeightsError(f"{target} is not an exported model folder (it changed while exporting): give a new "
+                               "or empty --out")
     new.rename(target)
     if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+        for name in EXPORTED_FILES:
+            try:
+                os.unlink(old / name)
+            except OSError:  # gone, or no longer a file: left for rmdir to keep
+                pass
+        try:
+            old.rmdir()
+        except OSError:  # something appeared in it meanwhile: not ours to delete
+            pass
