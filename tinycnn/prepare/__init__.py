@@ -8,6 +8,11 @@ is refused before anything is written; shards keep the original JPEG bytes. The 
 temporary folder beside `--out` and renamed into place only when complete, so a folder holding a
 manifest.json is always a complete dataset.
 
+Every input is untrusted: reads are capped in size before they happen, image sizes come from the JPEG
+header before decoding, a source folder is never left through a symbolic link, downloads end within a
+deadline and a size cap, and nothing is replaced or removed that tinycnn-prepare did not write. Each
+refusal is one PrepareError line naming the file and what to do.
+
 The package, in the order the data flows: `sources` reads the three layouts (and fingerprints them),
 `check` decode-checks the images in worker processes, `shards` splits and writes them, `folder` owns
 the output folder's life cycle (lock, temporary folder, install, manifest), `downloader` fetches a

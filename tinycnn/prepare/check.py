@@ -1,7 +1,8 @@
 """The strict decode check of every image, in a pool of worker processes that die with their parent.
 
 A truncated, non-JPEG or wrongly sized image is refused before anything is written; the shards keep
-the original JPEG bytes.
+the original JPEG bytes. The size is read from the JPEG's frame header before decoding: a header that
+claims a huge image (a decompression bomb) is refused without allocating it.
 """
 from __future__ import annotations
 
@@ -22,6 +23,38 @@ IMAGE_SIZE = 64
 _CHUNK = 256            # images per decode-check task
 _MIN_POOL_IMAGES = 2000  # below this a process pool costs more than it saves
 
+# start-of-frame markers (baseline, progressive, lossless, arithmetic...): all of 0xC0-0xCF but DHT, JPG, DAC
+_SOF_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
+_STANDALONE_MARKERS = frozenset(range(0xD0, 0xD8)) | {0x01}  # RSTn, TEM: no length field
+
+
+def jpeg_frame(data: bytes):
+    """(height, width, components) from a JPEG's frame header, read without decoding; None when no
+    frame header comes before the image data (a damaged file)."""
+    pos, end = 2, len(data)  # past the start-of-image marker
+    while pos + 4 <= end:
+        if data[pos] != 0xFF:
+            return None  # not at a marker: the segment lengths do not add up
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte before a marker
+            pos += 1
+            continue
+        if marker in _STANDALONE_MARKERS:
+            pos += 2
+            continue
+        if marker in (0xD9, 0xDA):  # end of image, start of scan: no frame header before them
+            return None
+        length = int.from_bytes(data[pos + 2:pos + 4], "big")
+        if marker in _SOF_MARKERS:
+            if length < 8 or pos + 10 > end:
+                return None
+            return (int.from_bytes(data[pos + 5:pos + 7], "big"), int.from_bytes(data[pos + 7:pos + 9], "big"),
+                    data[pos + 9])
+        if length < 2:
+            return None
+        pos += 2 + length
+    return None
+
 
 def check_jpeg(data: bytes):
     """Channel count (1 or 3) of a valid 64x64 JPEG, else the reason it is refused."""
@@ -31,6 +64,13 @@ def check_jpeg(data: bytes):
     # the end-of-image marker is the sure sign of a complete file
     if not data.rstrip(b"\0\r\n ").endswith(b"\xff\xd9"):
         return "truncated JPEG (no end-of-image marker)"
+    # the size from the header, before decoding: a forged 60000x60000 header must not cost 10 GB
+    frame = jpeg_frame(data)
+    if frame is None:
+        return "JPEG does not decode (no frame header before the image data)"
+    h, w, _ = frame
+    if (h, w) != (IMAGE_SIZE, IMAGE_SIZE):
+        return f"image is {w}x{h}, expected {IMAGE_SIZE}x{IMAGE_SIZE}"
     try:
         shape = _decode_shape(data)
     except (RuntimeError, UserWarning, OSError, SyntaxError) as e:

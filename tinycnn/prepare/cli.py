@@ -30,10 +30,13 @@ images, test = the official validation images. --holdout 0: train = all train im
 validation, no test. The official test images have no labels and are left out unless
 --include-unlabeled (split 'unlabeled', cls -1).
 
-Every image is decoded once: a truncated or non-JPEG file, an image that is not 64x64, an unknown
-wnid or a duplicate key stops the run (exit 2) naming the file; --skip-bad leaves such files out
-and lists them in manifest.json. Output appears only when complete (built in DIR.tmp-<pid>-*,
-removed by the next run if this one is killed); DIR.lock stops a second prepare into DIR.
+Every image is decoded once: a truncated or non-JPEG file, an image that is not 64x64 (read from
+its header, before decoding), an image file over 4 MiB, a symbolic link out of a source folder, an
+unknown wnid or a duplicate key stops the run (exit 2) naming the file; --skip-bad leaves such files
+out and lists them in manifest.json. A source larger than Tiny ImageNet can be (members, bytes) is
+refused before reading it. Output appears only when complete (built in DIR.tmp-<pid>-*, removed by
+the next run if this one is killed); DIR.lock stops a second prepare into DIR. --force replaces
+only a folder tinycnn-prepare wrote (nothing in it but its shards and json files).
 manifest.json records the source's path, size and fingerprint: re-running with another source
 into a prepared DIR is an error unless --force.
 

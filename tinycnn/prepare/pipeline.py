@@ -19,7 +19,8 @@ from ..environment import available_cpus
 from .check import IMAGE_SIZE, make_pool, scan
 from .downloader import DEFAULT_URL, OFFICIAL_MD5, download_official
 from .errors import PrepareError
-from .folder import FORMAT, FORMAT_VERSION, building, is_ours, lock, read_manifest, remove_stale
+from .folder import (FORMAT, FORMAT_VERSION, building, foreign_entries, is_ours, lock, read_manifest,
+                     remove_stale)
 from .shards import DEFAULT_NUM_SHARDS, SPLITS, label_items, make_splits, write_split
 from .sources import Source, fingerprint, open_source, source_mismatch
 
@@ -75,9 +76,16 @@ def prepare(source, out, *, holdout_per_class: int = 50, seed: int = 0,
         if source is None:
             raise PrepareError(f"{out} is not prepared and no source was given: "
                                f"tinycnn-prepare /path/to/tiny-imagenet-200.zip --out {out}")
+        if out.is_symlink():  # replacing it would replace the link, not the folder it points to
+            raise PrepareError(f"{out} is a symbolic link; pass the folder it points to as --out "
+                               f"({out.resolve()}), or choose another --out")
         if out.exists() and not is_ours(out) and (not out.is_dir() or any(out.iterdir())):
             # never delete what we did not write (an incomplete folder of ours is rebuilt)
-            raise PrepareError(f"{out} exists and is not a prepared dataset; choose a new or empty folder")
+            foreign = foreign_entries(out) if out.is_dir() and (out / "manifest.json").is_file() else []
+            holds = f" (it holds {', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''}, which " \
+                    "tinycnn-prepare does not write)" if foreign else ""
+            raise PrepareError(f"{out} exists and is not a prepared dataset{holds}; nothing was changed: "
+                               "choose a new or empty folder")
         workers = workers or available_cpus()
         src = open_source(source, include_unlabeled)
         with building(out) as tmp:
@@ -122,10 +130,10 @@ def _write_dataset(src: Source, tmp: Path, dataset_name: str, settings: dict, sh
             raise PrepareError(f"{src.path}: no usable train images")
         names = src.names or {w: w for w in wnids}
         good = label_items(items, wnids, problems)
-        if problems and not skip_bad:
-            listed = "\n".join(f"  {p['file']}: {p['reason']}" for p in problems[:_MAX_LISTED])
-            more = f"\n  ... and {len(problems) - _MAX_LISTED} more" if len(problems) > _MAX_LISTED else ""
-            raise PrepareError(f"{len(problems)} bad input(s) in {src.path}:\n{listed}{more}\n"
+        if problems and not skip_bad:  # one line: recipes and the command line print it as it is
+            listed = "; ".join(f"{p['file']}: {p['reason']}" for p in problems[:_MAX_LISTED])
+            more = f"; ... and {len(problems) - _MAX_LISTED} more" if len(problems) > _MAX_LISTED else ""
+            raise PrepareError(f"{len(problems)} bad input(s) in {src.path}: {listed}{more}. "
                                "Fix the source, or pass --skip-bad (skip_bad=True) to leave them out "
                                "and list them in manifest.json")
         splits = make_splits(good, len(wnids), settings["holdout_per_class"], settings["seed"])
