@@ -4,6 +4,11 @@ The CPU only reads tar members and decodes JPEGs into uint8 (B, 3, 64, 64) batch
 normalization run on the device (tinycnn.augment), after tinycnn.transfer moves the batches there. uint8
 crosses the bus, never float32. The shard bytes come from tinycnn.storage (a folder or a URL).
 
+Shards are untrusted input: each is read and decompressed within the limits its manifest entry sets
+(storage.shard_limits), each JPEG's frame header must give the manifest's input_shape before it is decoded, and
+each label must be a class index (or -1, unlabeled). A sample that fails is a bad sample (ShardError, or
+skipped and counted with skip_bad).
+
 How samples are split. Every (rank, worker) pair is one *consumer*. With at least as many shards as
 consumers, consumer c reads the shards j with j % C == c; with fewer, consumers share a shard and
 each keeps every m-th sample of it. Both are exact partitions of the split, so:
@@ -23,11 +28,12 @@ import math
 import multiprocessing
 import os
 import random
+import struct
 import tarfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
@@ -37,10 +43,10 @@ except ImportError:
     decode_jpeg = None
 
 from .environment import available_cpus
-from .storage import PREPARE_HINT, RETRIES, ShardError, is_url, locate, read_manifest, read_shard
-from .tar import iter_samples
+from .storage import PREPARE_HINT, RETRIES, ShardError, is_url, locate, read_manifest, read_shard, shard_limits
+from .tar import MAX_TAR_BYTES, iter_samples
 
-__all__ = ["split_shards", "ShardStream", "ShardLoader", "build_loader", "default_num_workers"]
+__all__ = ["split_shards", "ShardStream", "ShardLoader", "build_loader", "default_num_workers", "jpeg_frame"]
 
 SKIP_HINT = ("re-run tinycnn-prepare with --force, or skip and count bad samples with data.skip_bad=true "
              "on the recipes' command line (skip_bad=True in Python)")
@@ -61,6 +67,8 @@ class ShardPart:
 def split_shards(shards: Sequence[Tuple[str, int]], consumer: int, num_consumers: int) -> List[ShardPart]:
     """The part of `shards` [(path, num_samples)] that `consumer` of `num_consumers` reads (an exact partition)."""
     n = len(shards)
+    if n == 0:  # an empty split
+        return []
     if n >= num_consumers:
         return [ShardPart(p, c) for j, (p, c) in enumerate(shards) if j % num_consumers == consumer]
     j = consumer % n
@@ -110,6 +118,34 @@ def _decode_list(blobs: List[bytes]) -> List[torch.Tensor]:
     return decode_jpeg([_as_tensor(b) for b in blobs], mode=ImageReadMode.RGB)
 
 
+_SOF_MARKERS = frozenset({0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF})
+_MARKER = struct.Struct(">BBH").unpack_from  # 0xFF, marker, segment length
+_FRAME = struct.Struct(">HHB").unpack_from   # height, width, components of a frame (SOFn) header
+
+
+def jpeg_frame(data: bytes) -> Optional[Tuple[int, int, int]]:
+    """(height, width, components) from a JPEG's frame header, without decoding; None if it has none.
+
+    Walks the segments before the image data by their lengths (a few steps: APPn, DQT, SOFn), so a file cannot
+    make a decoder allocate the image its header claims before its size is checked.
+    """
+    if data[:2] != b"\xff\xd8":
+        return None
+    pos, last = 2, len(data) - 4
+    while pos <= last:
+        ff, marker, length = _MARKER(data, pos)
+        if ff != 0xFF:
+            return None
+        if marker in _SOF_MARKERS:
+            return _FRAME(data, pos + 5) if pos + 10 <= len(data) else None
+        if marker == 0xFF:  # fill byte before a marker
+            pos += 1
+        elif marker == 0xDA or marker == 0xD9:  # image data or its end before any frame header
+            return None
+        else:
+            pos += 2 + length  # length counts itself: every step moves forward
+    return None
+
 
 class ShardStream(IterableDataset):
     """Yields (uint8 images (B,3,H,W), int64 labels (B,)) batches of this worker's part of a split.
@@ -119,11 +155,14 @@ class ShardStream(IterableDataset):
     """
 
     def __init__(self, shards, *, batch_size, train, rank=0, world_size=1, seed=0, shuffle_buffer=2048,
-                 image_shape=(3, 64, 64), skip_bad=False, retries=RETRIES):
+                 image_shape=(3, 64, 64), skip_bad=False, retries=RETRIES,
+                 shard_limits: Optional[Mapping[str, Tuple[int, int]]] = None, num_classes: Optional[int] = None):
+        """shard_limits: path -> (most bytes of the file, most bytes of its tar) (storage.shard_limits; default
+        storage.MAX_SHARD_BYTES). num_classes: labels outside -1..num_classes-1 are bad samples (-1: unlabeled)."""
         self.shards, self.batch_size, self.train = list(shards), batch_size, train
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.shuffle_buffer, self.image_shape, self.skip_bad = shuffle_buffer, tuple(image_shape), skip_bad
-        self.retries = retries
+        self.retries, self.shard_limits, self.num_classes = retries, dict(shard_limits or {}), num_classes
         # shared with the worker processes: persistent workers see set_epoch, the main process sees skips
         self._epoch = multiprocessing.Value("i", 0)
         self.skipped = multiprocessing.Value("i", 0)
@@ -153,10 +192,14 @@ class ShardStream(IterableDataset):
             yield from self._read_part(part)
 
     def _read_part(self, part: ShardPart):
-        data = read_shard(part.path, self.retries)  # missing or unreachable: a ShardError, even with skip_bad
+        file_limit, tar_limit = self.shard_limits.get(part.path, (None, MAX_TAR_BYTES))
+        # missing, unreachable or over its limit: a ShardError, even with skip_bad
+        data = read_shard(part.path, self.retries, max_bytes=file_limit)
+        height, width = self.image_shape[1:]
+        labels = range(-1, self.num_classes) if self.num_classes is not None else None
         try:
             read = 0
-            for i, sample in enumerate(iter_samples(data, part.path)):
+            for i, sample in enumerate(iter_samples(data, part.path, max_tar_bytes=tar_limit)):
                 if i >= part.limit:
                     break
                 read = i + 1
@@ -166,7 +209,22 @@ class ShardStream(IterableDataset):
                 if "jpg" not in sample or "cls" not in sample:
                     self._bad(part.path, key, f"missing members (has {sorted(k for k in sample if not k.startswith('__'))})")
                     continue
-                yield part.path, key, sample["jpg"], int(sample["cls"])
+                jpg = sample["jpg"]
+                # checked before decoding: a decoder allocates whatever size the header claims
+                frame = jpeg_frame(jpg)
+                if frame is None or frame[0] != height or frame[1] != width or frame[2] not in (1, 3, 4):
+                    what = "no JPEG frame header" if frame is None else \
+                        f"a JPEG of {frame[1]}x{frame[0]} with {frame[2]} channels"
+                    self._bad(part.path, key, f"{what}, expected {width}x{height}")
+                    continue
+                try:
+                    label = int(sample["cls"])
+                except ValueError:
+                    label = None
+                if label is None or (labels is not None and label not in labels):
+                    self._bad(part.path, key, f"label {sample['cls'][:20]!r} is not a class index")
+                    continue
+                yield part.path, key, jpg, label
             if read < part.limit:  # tar readers stop quietly at a cut between members
                 self._bad(part.path, "?", f"truncated shard: {read} of {part.limit} samples")
         except (tarfile.TarError, OSError, EOFError, ValueError) as e:
@@ -352,12 +410,13 @@ def build_loader(
     pin_memory: default: pinned when tinycnn.transfer.DevicePrefetcher copies to CUDA (else when CUDA is available).
     retries: tries again after transient network errors (connection, timeout, HTTP 5xx), with backoff.
     """
-    manifest = read_manifest(root, retries)
+    manifest = read_manifest(root, retries)  # checked: names are plain file names, counts whole numbers
     if split not in manifest["splits"]:
         raise KeyError(f"{root} has no split {split!r} (it has {sorted(manifest['splits'])}); "
                        f"`tinycnn-prepare --holdout 0` writes no test split")
     info = manifest["splits"][split]
-    shards = [(locate(root, s["file"]), int(s["num_samples"])) for s in info["shards"]]
+    shards = [(locate(root, s["file"]), s["num_samples"]) for s in info["shards"]]
+    limits = {path: shard_limits(s) for (path, _), s in zip(shards, info["shards"])}
     missing = [p for p, _ in shards if not is_url(p) and not os.path.exists(p)]
     if missing:
         raise ShardError(f"{len(missing)} shard(s) of split {split!r} missing, e.g. {missing[0]}: {PREPARE_HINT}")
@@ -371,5 +430,5 @@ def build_loader(
     num_workers = max(0, min(num_workers, math.ceil(num_samples / world_size)))
     stream = ShardStream(shards, batch_size=batch_size, train=train, rank=rank, world_size=world_size, seed=seed,
                          shuffle_buffer=shuffle_buffer, image_shape=tuple(manifest.get("input_shape", (3, 64, 64))),
-                         skip_bad=skip_bad, retries=retries)
+                         skip_bad=skip_bad, retries=retries, shard_limits=limits, num_classes=manifest["num_classes"])
     return ShardLoader(stream, num_samples, num_workers, pin_memory)
