@@ -53,11 +53,13 @@ def main() -> int:
     if sum(bool(x) for x in (args.gpus, args.part, args.merge)) > 1:
         raise ValueError("use one of --gpus, --part and --merge")
 
-    from tinycnn.runs import RunLock
+    from tinycnn.runs import RunLock, mark_folder
 
     # the grid as a whole is locked by the process that owns it (parts lock each run folder they train)
     is_main = int(os.environ.get("RANK", "0")) == 0
     lock = RunLock(output).acquire() if part is None and is_main else None
+    if lock is not None:
+        mark_folder(output, "grid")  # a folder that holds anything else stays unmarked
     if args.gpus or args.merge:
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             raise ValueError("--gpus and --merge start no distributed run: use python, not accelerate launch")

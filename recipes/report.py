@@ -27,7 +27,7 @@ _CHECKOUT = Path(__file__).resolve().parents[1]
 if (_CHECKOUT / "tinycnn" / "__init__.py").is_file():  # run from a checkout without installing
     sys.path.insert(0, str(_CHECKOUT))
 
-from tinycnn.recipe import release_output, run_main  # noqa: E402
+from tinycnn.recipe import claim_output, release_output, run_main  # noqa: E402
 
 
 def main() -> int:
@@ -37,7 +37,8 @@ def main() -> int:
     parser.add_argument("--output", default="report",
                         help="folder for report.md and figures/ (default: report). A folder holding an earlier "
                              "report is left alone: this one goes to the next free name (report-2, ...)")
-    parser.add_argument("--overwrite", action="store_true", help="replace the report already in --output")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the report already in --output (only a folder tinycnn wrote as a report)")
     parser.add_argument("--title", default="Experiment report", help="the report's title")
     parser.add_argument("--top", type=int, default=5, help="most and least accurate classes listed (default: 5)")
     args = parser.parse_args()
@@ -45,10 +46,9 @@ def main() -> int:
     from rich.console import Console
 
     from tinycnn.report import write_report
-    from tinycnn.runs import claim_folder
 
     console = Console()
-    output, lock = claim_folder(args.output, overwrite=args.overwrite, what="report",
+    output, lock = claim_output(args.output, args, what="report",
                                 say=lambda m: console.print(m, highlight=False, soft_wrap=True))
     try:
         report = write_report(args.inputs, output, title=args.title, top=args.top,

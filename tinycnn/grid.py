@@ -35,7 +35,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import yaml
 
-from .config import Config, flatten, from_dict
+from .config import MAX_GRID_RUNS, Config, ConfigError, flatten, from_dict, read_yaml
 from .formatting import count, dashed, number, percent
 from .storage import read_manifest
 
@@ -131,6 +131,9 @@ def grid_plan(cfg: Config) -> List[GridRun]:
         raise ValueError(f"grid.epochs must be a positive integer, got {epochs!r}")
     lrs, wds = _options(g, "lr", False), _options(g, "weight_decay", False)
     chs, reps = _options(g, "stage_channels", True), _options(g, "stage_repeats", True)
+    if len(lrs) * len(wds) * len(chs) * len(reps) > MAX_GRID_RUNS:
+        raise ValueError(f"grid: {len(lrs) * len(wds) * len(chs) * len(reps):,} combinations; at most "
+                         f"{MAX_GRID_RUNS:,} in one grid search")
     plan = []
     for i, (lr, wd, ch, rep) in enumerate(itertools.product(lrs, wds, chs, reps)):
         if len(ch) != len(rep):
@@ -217,8 +220,8 @@ def _comparable(cfg: Union[Config, Dict[str, Any]]) -> Dict[str, Any]:
 
 def _same_config(run_dir: Path, run_cfg: Config) -> bool:
     try:
-        saved = yaml.safe_load((run_dir / "config.yaml").read_text())
-    except (OSError, yaml.YAMLError):
+        saved = read_yaml(run_dir / "config.yaml")  # bounded: a run folder may come from anyone
+    except (OSError, ConfigError):
         return False
     return isinstance(saved, dict) and _comparable(saved) == _comparable(run_cfg)
 
@@ -387,7 +390,7 @@ def _results_from_folders(output: Path) -> List[Dict[str, Any]]:
     rows = []
     for run_dir in sorted(p for p in output.iterdir() if is_run_folder(p)):
         try:
-            saved = from_dict(yaml.safe_load((run_dir / "config.yaml").read_text()))
+            saved = from_dict(read_yaml(run_dir / "config.yaml"))
             run = next(r for r in grid_plan(saved) if r.name == run_dir.name)
         except (OSError, yaml.YAMLError, KeyError, TypeError, ValueError, StopIteration):
             continue  # not a run of a grid (or one renamed): nothing says what it tried
@@ -420,8 +423,14 @@ def write_hparams(result: Dict[str, Any], run_dir: Union[str, Path], domains: Op
         if result.get(key) is not None:
             metrics[tag] = float(result[key])
     domains = {k: v for k, v in (domains or {}).items() if k in hp}
-    path = Path(run_dir) / "tb" / "hparams"
-    shutil.rmtree(path, ignore_errors=True)  # one session per run, also when a grid is re-run
+    tb = Path(run_dir) / "tb"
+    if tb.is_symlink() or (tb.exists() and not tb.is_dir()):
+        return None  # not a folder the run wrote: nothing is written (or removed) through it
+    path = tb / "hparams"
+    if path.is_symlink() or (path.exists() and not path.is_dir()):
+        path.unlink()
+    else:
+        shutil.rmtree(path, ignore_errors=True)  # one session per run, also when a grid is re-run
     exp, ssi, sei = hparams(hp, metrics, hparam_domain_discrete=domains or None)
     with SummaryWriter(log_dir=str(path)) as w:
         for summary in (exp, ssi, sei):
@@ -484,6 +493,9 @@ def collect_results(cfg: Config, output: Union[str, Path], plan: Optional[Sequen
     return sort_results(results)
 
 
+_REPLACES_OURS = "the grid search trains afresh only in run folders tinycnn wrote"
+
+
 def run_grid(cfg: Config, output: Union[str, Path], *, part: Optional[Tuple[int, int]] = None,
              progress: bool = True, console=None, overwrite: bool = False,
              make_accelerator: Optional[Callable[..., Any]] = None) -> List[Dict[str, Any]]:
@@ -491,10 +503,11 @@ def run_grid(cfg: Config, output: Union[str, Path], *, part: Optional[Tuple[int,
     results of those runs and writes the tables (OUTPUT/results.* or OUTPUT/results-part-<i>-of-<n>.*).
 
     Re-running continues the grid: finished runs are skipped, stopped ones resumed. A run folder that holds
-    a run with another config is an error before anything trains (overwrite=True trains it again). Each run
-    folder is locked while it trains (tinycnn.runs), so two processes never train the same run."""
+    a run with another config is an error before anything trains (overwrite=True trains it again); a run folder
+    that tinycnn did not write is never emptied (tinycnn.runs.ensure_replaceable). Each run folder is locked
+    while it trains (tinycnn.runs), so two processes never train the same run."""
     from .device import make_accelerator as default_make_accelerator
-    from .runs import RunFolderError, RunLock
+    from .runs import RunFolderError, RunLock, clear_folder, ensure_replaceable, mark_folder
     from .train import TrainingStopped, train
 
     make_accelerator = make_accelerator or default_make_accelerator
@@ -517,10 +530,14 @@ def run_grid(cfg: Config, output: Union[str, Path], *, part: Optional[Tuple[int,
             console.print(msg, soft_wrap=True, markup=False, highlight=False)
     if main:
         output.mkdir(parents=True, exist_ok=True)
-    changed = [r.name for r in mine if run_status(output / r.name, run_config(cfg, r), manifest, world) == "changed"]
+    statuses = {r.name: run_status(output / r.name, run_config(cfg, r), manifest, world) for r in mine}
+    changed = [name for name, status in statuses.items() if status == "changed"]
     if changed and not overwrite:
         raise RunFolderError(f"{output / changed[0]} holds a run with another config ({len(changed)} such run "
                              "folders): choose another --output, or pass --overwrite to train them again")
+    for name, status in statuses.items():  # a run folder trained afresh is emptied first: only if it is ours
+        if status in ("new", "changed"):
+            ensure_replaceable(output / name, "run", hint=_REPLACES_OURS)
     say(f"grid search: {len(plan)} runs of {cfg.grid.epochs} epochs"
         + (f", part {part[0]}/{part[1]}: {len(mine)} of them" if part else "") + f", into {output}")
 
@@ -539,10 +556,15 @@ def run_grid(cfg: Config, output: Union[str, Path], *, part: Optional[Tuple[int,
         else:
             say(f"[{k}/{len(mine)}] {run.name}" + (" (resuming)" if status == "partial" else ""))
         lock = RunLock(run_dir).acquire() if main else None
-        if main and status in ("new", "changed"):  # a fresh start: nothing of an earlier attempt stays to mix in
-            for p in run_dir.iterdir():
-                if p.name != ".lock":
-                    shutil.rmtree(p) if p.is_dir() else p.unlink()
+        if main:
+            try:
+                if status in ("new", "changed"):  # a fresh start: nothing of an earlier attempt stays to mix in
+                    ensure_replaceable(run_dir, "run", hint=_REPLACES_OURS)  # again, under the lock
+                    clear_folder(run_dir)
+                mark_folder(run_dir, "run")
+            except BaseException:
+                lock.release()
+                raise
         accelerator = make_accelerator(run_cfg, run_dir)
         error = None
         try:

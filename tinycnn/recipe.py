@@ -9,6 +9,7 @@ then the recipe's work, and `run_main` turns known errors into one line and exit
 """
 import argparse
 import ctypes
+import errno
 import os
 import signal
 import sys
@@ -50,7 +51,9 @@ def recipe_parser(doc: str, default_config: Optional[str] = None, *, output_defa
     parser.add_argument("--output", default=output_default,
                         help="output folder (default: %(default)s). A folder holding an earlier run is never "
                              "written into: the run goes to the next free name (NAME-2, NAME-3, ...)")
-    parser.add_argument("--overwrite", action="store_true", help="replace the results already in --output")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the results already in --output (only a folder tinycnn wrote: anything else "
+                             "is refused and left as it is)")
     if resumable:
         parser.add_argument("--resume", action="store_true",
                             help="continue the run in --output from its saved config and state; only "
@@ -84,6 +87,7 @@ def config_from_args(args: argparse.Namespace, extra: Optional[List[str]] = None
     if args.config:
         raise ConfigError(f"--resume continues {args.output} with its saved config.yaml: drop --config")
     saved = load_config(saved_path)
+    _refuse_saved_commands(saved, saved_path, overrides)
     cfg = saved.replace(overrides)
     before, after = flatten(saved), flatten(cfg)
     changed = [k for k in after if before.get(k) != after[k] and k not in RESUMABLE_KEYS]
@@ -92,6 +96,26 @@ def config_from_args(args: argparse.Namespace, extra: Optional[List[str]] = None
         raise ConfigError(f"--resume continues {args.output} as it was configured; {what} would change the run. "
                           f"Only {', '.join(RESUMABLE_KEYS)} may change on resume: start a new run for the rest")
     return cfg
+
+
+def _refuse_saved_commands(saved: Config, saved_path: Path, overrides: List[str]):
+    """A run folder may come from anyone: a `pipe:` value (a shell command) in its config.yaml runs only when
+    the user gives it again now (--data 'pipe:...' or KEY=pipe:...), never because it was saved there."""
+    given = {item.split("=", 1)[0].strip() for item in overrides if "=" in item}
+    for key, value in flatten(saved).items():
+        if isinstance(value, str) and value.startswith("pipe:") and key not in given:
+            shown = _one_line(value, 100)
+            again = f"--data '{shown}'" if key == "data.root" else f"{key}='{shown}'"
+            raise ConfigError(f"--resume: {saved_path} reads its data through a command ({shown}); pass {again} "
+                              "again to run it")
+
+
+def _one_line(text: str, limit: int = 300) -> str:
+    """`text` on one line, cut to `limit` characters."""
+    text = str(text)
+    if "\n" in text or "\r" in text:
+        text = " ".join(text.split())
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def ensure_data(cfg: Config, accelerator=None) -> str:
@@ -125,10 +149,12 @@ def claim_output(folder: str, args: argparse.Namespace, *, what: str = "run", is
 
     lock = None
     chosen = [None]
+    _OUTPUT[0] = folder
     if is_main:
         path, lock = claim_folder(folder, resume=getattr(args, "resume", False), overwrite=args.overwrite,
                                   what=what, say=say)
         chosen = [str(path)]
+        _OUTPUT[0] = str(path)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         from accelerate.utils import broadcast_object_list
         broadcast_object_list(chosen, from_process=0)
@@ -138,17 +164,42 @@ def claim_output(folder: str, args: argparse.Namespace, *, what: str = "run", is
 def release_output(folder: Path, lock):
     """Release the output folder's lock; a folder left without results (a run that failed before writing
     anything) is removed, so no empty folder stays behind."""
-    from .runs import LOCK_NAME, holds_results
+    from .runs import LOCK_NAME, MARKER_NAME, holds_results
 
     if lock is None:
         return
     lock.release()
     if not holds_results(folder):
+        (folder / MARKER_NAME).unlink(missing_ok=True)
         (folder / LOCK_NAME).unlink(missing_ok=True)
         try:
             folder.rmdir()
         except OSError:
             pass
+
+
+# OSErrors a user causes with the output they choose: a read-only or full disk, a folder without the rights,
+# a path through a file, a name too long; said in one line instead of a traceback.
+_NO_SPACE = {errno.ENOSPC, errno.EDQUOT}
+_READ_ONLY = {errno.EROFS}
+_NO_RIGHTS = {errno.EACCES, errno.EPERM}  # a read-only folder too, but also a file the user may not read
+_BAD_PATH = {errno.ENOTDIR, errno.EISDIR, errno.EEXIST, errno.ENAMETOOLONG, errno.ELOOP}
+_OUTPUT: List[Optional[str]] = [None]  # the output folder claim_output chose (or is claiming), for those messages
+
+
+def _os_error_message(e: OSError) -> Optional[str]:
+    """One line for an OSError the user can act on (None: another kind, left as it is)."""
+    where = e.filename if e.filename is not None else (_OUTPUT[0] or "the output folder")
+    reason = e.strerror or os.strerror(e.errno or 0)
+    if e.errno in _NO_SPACE:
+        return f"cannot write to {where}: {reason}: free space or choose another --output"
+    if e.errno in _READ_ONLY:
+        return f"cannot write to {where}: {reason}: choose another --output"
+    if e.errno in _NO_RIGHTS:
+        return f"cannot write to or read {where}: {reason}: choose another --output (or fix its permissions)"
+    if e.errno in _BAD_PATH:
+        return f"{where}: {reason}" + (f" ({e.filename2})" if e.filename2 else "") + ": check the path (--output)"
+    return None
 
 
 def run_main(fn) -> int:
@@ -159,13 +210,19 @@ def run_main(fn) -> int:
 
     from .prepare import PrepareError
 
+    def say(label: str, msg) -> int:
+        Console(stderr=True, soft_wrap=True).print(f"{label} {escape(_one_line(msg, 2000))}", highlight=False)
+        return 2
+
+    show_traceback = os.environ.get("TINYCNN_TRACEBACK") or getattr(sys, "_tinycnn_traceback", False)
+    _OUTPUT[0] = None
     try:
         return fn() or 0
     except KeyboardInterrupt:
         Console(stderr=True).print("[red]interrupted[/red]")
         return 130
     except (ConfigError, PrepareError, FileNotFoundError, KeyError, ValueError, RuntimeError, MemoryError) as e:
-        if os.environ.get("TINYCNN_TRACEBACK") or getattr(sys, "_tinycnn_traceback", False):
+        if show_traceback:
             raise
         from .train import TrainingStopped
 
@@ -173,8 +230,12 @@ def run_main(fn) -> int:
             return 2  # every rank stops with the same message: rank 0 prints it
         msg = e.args[0] if isinstance(e, KeyError) and e.args else e
         label = "[bold yellow]stopped:[/bold yellow]" if isinstance(e, TrainingStopped) else "[bold red]error:[/bold red]"
-        Console(stderr=True, soft_wrap=True).print(f"{label} {escape(str(msg))}", highlight=False)
-        return 2
+        return say(label, msg)
+    except OSError as e:
+        msg = _os_error_message(e)
+        if show_traceback or msg is None:
+            raise
+        return say("[bold red]error:[/bold red]", msg)
 
 
 def die_with_launcher():
