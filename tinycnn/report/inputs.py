@@ -43,9 +43,19 @@ class Inputs:
         return sum(len(getattr(self, k)) for k in KINDS)
 
 
+MAX_JSON_BYTES = 64 << 20  # run.json, results.json: a few KiB when tinycnn writes them
+
+
 def _read_json(path: Path) -> Any:
-    with open(path) as f:
-        return json.load(f)
+    """JSON from a folder someone else may have written: at most MAX_JSON_BYTES (ValueError beyond)."""
+    with open(path, "rb") as f:
+        raw = f.read(MAX_JSON_BYTES + 1)
+    if len(raw) > MAX_JSON_BYTES:
+        raise ValueError(f"{path} is larger than {MAX_JSON_BYTES >> 20} MiB")
+    try:
+        return json.loads(raw)
+    except RecursionError:
+        raise ValueError(f"{path}: JSON nested too deeply") from None
 
 
 def is_evaluation(path: Union[str, Path]) -> bool:
@@ -127,11 +137,12 @@ def collect(paths: Sequence[Union[str, Path]]) -> Inputs:
 # ============================================================================= loading
 
 def _read_yaml(path: Path) -> Optional[Dict[str, Any]]:
+    """A run's config.yaml, read as the recipes read configs (size-capped, no aliases); None if unreadable."""
+    from ..config import ConfigError, read_yaml
     try:
-        data = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError):
+        return read_yaml(path)
+    except ConfigError:
         return None
-    return data if isinstance(data, dict) else None
 
 
 def checkpoint_metadata(path: Union[str, Path, None]) -> Optional[Dict[str, Any]]:
