@@ -174,10 +174,11 @@ def parse_value(text: str) -> Any:
 
 
 def _numbers(value: Any) -> Any:
-    if isinstance(value, str) and len(value) < 400 and _NUMBER.match(value.strip()):
-        if re.match(r"^[+-]?\d+$", value.strip()):
-            return int(value)  # exactly: a float on the way would make 10**400 an error, 2**53 + 1 inexact
-        return float(value)  # 1e400 is inf: refused by the type check, naming the key
+    text = value.strip(" \t\r\n") if isinstance(value, str) else None  # int() strips more (\x1f): not a number then
+    if text is not None and len(text) < 400 and _NUMBER.match(text):
+        if re.match(r"^[+-]?\d+$", text):
+            return int(text)  # exactly: a float on the way would make 10**400 an error, 2**53 + 1 inexact
+        return float(text)  # 1e400 is inf: refused by the type check, naming the key
     if isinstance(value, dict):
         return {k: _numbers(v) for k, v in value.items()}
     if isinstance(value, list):

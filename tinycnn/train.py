@@ -2,6 +2,8 @@
 
 shards -> loader (uint8, per rank) -> device prefetch -> TrainStep (GPUAugment, forward, loss, backward, optimizer)
 -> after each epoch: evaluation on val, best.safetensors, last.safetensors + resumable state, metrics.jsonl.
+The resumable state (state/) is safetensors and JSON only, written and checked by tinycnn.state: a run folder
+from someone else never runs code on --resume.
 A run stops at the end of its steps, or early for one of two reasons decided in one place (`_stop_reason`):
 a non-finite loss (the best checkpoint is kept) or a stop signal (SIGTERM, Ctrl-C, the launcher gone: state is
 saved for --resume). Under several processes every rank takes that decision at the same step.
@@ -27,6 +29,7 @@ from .environment import environment_info
 from .evaluation import evaluate
 from .plan import RunPlan, build_augment, build_lr_lambda, build_model, build_optimizer, optimizer_implementation
 from .progress import RunProgress
+from .state import has_saved_state, load_state, save_state
 from .step import TrainStep
 from .storage import read_manifest
 from .transfer import DevicePrefetcher, DeviceResidentLoader
@@ -92,7 +95,6 @@ def train(cfg: Config, output: Path, *, resume: bool = False, accelerator: Optio
     model, optimizer = accelerator.prepare(model, optimizer)
     # stepped once per optimizer step, by us (accelerate's scheduler wrapper would step it per process)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, build_lr_lambda(t.scheduler, total_steps, steps_per_epoch))
-    accelerator.register_for_checkpointing(scheduler)
     aug = build_augment(cfg, plan, unwrap_model(model), channels_last=channels_last).to(device)
     step = TrainStep(model, optimizer, augment=aug, label_smoothing=plan.label_smoothing, grad_clip=t.grad_clip,
                      compile=t.compile, accelerator=accelerator)
@@ -100,9 +102,8 @@ def train(cfg: Config, output: Path, *, resume: bool = False, accelerator: Optio
     # --- state: resume continues the same schedule and step count
     state = {"epoch": 0, "step": 0, "best_accuracy": -1.0, "best_epoch": None}
     state_dir = output / "state"
-    if resume and (state_dir / "progress.json").is_file():
-        accelerator.load_state(str(state_dir))
-        state = json.loads((state_dir / "progress.json").read_text())
+    if resume and has_saved_state(state_dir):
+        state = load_state(state_dir, accelerator=accelerator, model=model, optimizer=optimizer, scheduler=scheduler)
         state.pop("reason", None)
         if accelerator.is_main_process:  # epochs logged after the saved state are trained again: log them once
             _keep_metrics_until(output / "metrics.jsonl", state["epoch"])
@@ -118,12 +119,9 @@ def train(cfg: Config, output: Path, *, resume: bool = False, accelerator: Optio
     accelerator.init_trackers("tb", config={k: v if isinstance(v, (int, float, str, bool)) else str(v)
                                             for k, v in flatten(cfg).items()})
 
-    def save_state(reason: str):
-        accelerator.save_state(str(state_dir))
-        if accelerator.is_main_process:
-            atomic_write(state_dir / "progress.json",
-                         lambda tmp: Path(tmp).write_text(json.dumps({**state, "reason": reason})))
-        accelerator.wait_for_everyone()
+    def save_resumable(reason: str):
+        save_state(state_dir, accelerator=accelerator, model=model, optimizer=optimizer, scheduler=scheduler,
+                   progress={**state, "reason": reason})
 
     def save_weights(name: str, extra: Dict[str, Any]):
         if accelerator.is_main_process:
@@ -203,13 +201,13 @@ def train(cfg: Config, output: Path, *, resume: bool = False, accelerator: Optio
                 state["epoch"] = epoch + 1
                 if (epoch + 1) % t.save_every == 0 or last_epoch:
                     save_weights("last.safetensors", {"epoch": epoch + 1, "step": state["step"]})
-                    save_state("epoch")
+                    save_resumable("epoch")
                 # wall time of the whole epoch: training plus evaluation and checkpoints
                 record["epoch_seconds"] = time.perf_counter() - t0
                 _log_epoch(accelerator, output, record)
                 history.append(record)
             if stop_reason is not None and not stop_reason.startswith("loss is"):
-                save_state(stop_reason)
+                save_resumable(stop_reason)
     except torch.cuda.OutOfMemoryError:
         raise RuntimeError(out_of_memory_message(cfg, accelerator)) from None
     finally:
