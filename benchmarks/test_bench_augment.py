@@ -6,6 +6,10 @@ to float, Normalize. torchvision's v2 transforms draw one set of random paramete
 per-sample randomness with torchvision means one call per sample.
 On CUDA, also GPUAugment's cost inside tinycnn.step.TrainStep (bf16 + channels_last, eager model), with
 its apply() eager and compiled (the library's default on CUDA).
+Beside the plain GPUAugment, the timm-recipe options on the same batch: TrivialAugmentWide, RandAugment
+(2 ops, magnitude 9), random erasing (p 0.25, pixel noise); and for comparison timm's own RandomErasing
+(a Python loop over the samples) and timm's Mixup/CutMix per sample (MixupCutmix, mode 'elem'), each
+after the plain GPUAugment.
 """
 import pytest
 import torch
@@ -36,7 +40,77 @@ def test_gpu_augment(bench_factory, bench_data):
     out = bench.result
     assert out.shape == (AUG_BATCH, 3, 64, 64) and out.dtype == torch.float32 and out.device.type == DEVICE.type
     assert bool(torch.isfinite(out).all())
-    bench.rate("augment/gpu_augment", f"GPUAugment on {DEVICE.type}, batch {AUG_BATCH}", ITERS * AUG_BATCH, best)
+    bench.rate("augment/gpu_augment", f"GPUAugment on {DEVICE.type}, batch {AUG_BATCH}", ITERS * AUG_BATCH, best,
+               note=f"{best / ITERS * 1e3:.1f} ms per batch")
+
+
+RECIPES = {
+    "trivialaugment": ("GPUAugment + TrivialAugmentWide", dict(policy="trivialaugment")),
+    "randaugment": ("GPUAugment + RandAugment (2 ops, magnitude 9)", dict(policy="randaugment")),
+    "erasing": ("GPUAugment + random erasing (p 0.25, pixel)", dict(erase_p=0.25, erase_mode="pixel")),
+}
+
+
+@pytest.mark.parametrize("recipe", list(RECIPES))
+def test_gpu_augment_recipe(bench_factory, bench_data, recipe):
+    """GPUAugment with one of the timm-recipe options on, batched on the device like the plain one."""
+    from tinycnn.augment import GPUAugment
+
+    bench = bench_factory(GROUP)
+    x = real_uint8_batch(bench_data.jpegs, AUG_BATCH)
+    label, kwargs = RECIPES[recipe]
+    aug = GPUAugment(**kwargs).to(DEVICE)
+
+    def run():
+        out = None
+        for _ in range(ITERS):
+            out = aug(x)
+        return out
+
+    best = bench.run(run, rounds=ROUNDS, warmup=1)
+    out = bench.result
+    assert out.shape == (AUG_BATCH, 3, 64, 64) and out.dtype == torch.float32 and out.device.type == DEVICE.type
+    assert bool(torch.isfinite(out).all())
+    key = f"augment/gpu_augment_{recipe}"
+    bench.rate(key, f"{label}, batch {AUG_BATCH}", ITERS * AUG_BATCH, best,
+               note=f"{best / ITERS * 1e3:.1f} ms per batch")
+    bench.ratio(f"{recipe}_vs_plain", key, "augment/gpu_augment", note="{:.0%} of plain GPUAugment's rate")
+
+
+@pytest.mark.parametrize("extra", ["timm_random_erasing", "mixup_cutmix_elem"])
+def test_timm_per_sample_after_gpu_augment(bench_factory, bench_data, extra):
+    """timm's per-sample loops on the augmented batch: RandomErasing(0.25, mode='pixel') as timm runs it,
+    and Mixup/CutMix (mixup 0.8, cutmix 1.0, mode 'elem'); timed with the plain GPUAugment before them."""
+    from timm.data.random_erasing import RandomErasing
+
+    from tinycnn.augment import GPUAugment, MixupCutmix
+
+    bench = bench_factory(GROUP)
+    x = real_uint8_batch(bench_data.jpegs, AUG_BATCH)
+    y = torch.randint(0, 200, (AUG_BATCH,), device=DEVICE)
+    aug = GPUAugment().to(DEVICE)
+    if extra == "timm_random_erasing":
+        eraser = RandomErasing(0.25, mode="pixel", device=DEVICE)
+        label = "GPUAugment + timm RandomErasing (p 0.25, pixel; per-sample loop)"
+        step = lambda: eraser(aug(x))                                  # noqa: E731
+    else:
+        mix = MixupCutmix(200, mixup_alpha=0.8, cutmix_alpha=1.0, label_smoothing=0.1)
+        label = "GPUAugment + timm Mixup/CutMix (mode elem)"
+        step = lambda: mix(aug(x), y)[0]                               # noqa: E731
+
+    def run():
+        out = None
+        for _ in range(ITERS):
+            out = step()
+        return out
+
+    best = bench.run(run, rounds=ROUNDS, warmup=1)
+    out = bench.result
+    assert out.shape == (AUG_BATCH, 3, 64, 64) and out.device.type == DEVICE.type and bool(torch.isfinite(out).all())
+    key = f"augment/gpu_augment_{extra}"
+    bench.rate(key, f"{label}, batch {AUG_BATCH}", ITERS * AUG_BATCH, best,
+               note=f"{best / ITERS * 1e3:.1f} ms per batch")
+    bench.ratio(f"{extra}_vs_plain", key, "augment/gpu_augment", note="{:.0%} of plain GPUAugment's rate")
 
 
 def test_eval_transform_floor(bench_factory, bench_data):

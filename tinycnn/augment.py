@@ -37,10 +37,30 @@ ops in each sample's order, then normalization; ops switched off in the instance
 (their factors in ``params`` are ignored).  ``apply`` works under ``torch.compile`` as one graph
 (tinycnn.step.TrainStep compiles it by default on CUDA) and takes ``out_dtype`` (e.g. the autocast
 dtype, so the cast is part of its last pass).  ``sample`` keeps every draw on the device (no host sync).
+
+Recipe pieces of timm's train.py, all off by default::
+
+    GPUAugment(policy="trivialaugment")                  # torchvision TrivialAugmentWide, per sample
+    GPUAugment(policy="randaugment", ra_num_ops=2, ra_magnitude=9)
+    GPUAugment(erase_p=0.25, erase_mode="pixel")        # timm RandomErasing, after normalization
+    MixupCutmix(num_classes, mixup_alpha=0.8, cutmix_alpha=1.0)   # timm Mixup (mode='elem') + soft targets
+    tta_flip_logits(model, x)                            # mean logits of x and its mirror image
+
+A policy runs after crop and flip on the uint8 values, before the colour jitter, with torchvision's op
+set, magnitude bins, signs and uint8 semantics (nearest sampling and zero / ``policy_fill`` fill for the
+affine ops, the uint8 truncation after each op); each sample draws its own ops and magnitudes.  Its
+params are ``policy_ops`` (B, n) int64 indices into POLICY_OPS, ``policy_bins`` (B, n) int64 magnitude
+bins and ``policy_negate`` (B, n) bool (the sign of the signed ops), n = 1 for TrivialAugmentWide and
+``ra_num_ops`` for RandAugment.  Random erasing's params are timm's draws as uniforms: ``erase_apply``
+(B,) bool, ``erase_count`` (B,) int64, ``erase_attempts`` (B, K, 10, 2) and ``erase_position`` (B, K, 2)
+with K = ``erase_count``, plus ``erase_colors`` (B, K, 3) in mode 'rand' and, in mode 'pixel',
+``erase_noise`` (B, 3, H, W) when ``sample`` is given ``image_size`` (``aug(x)`` does so; without it
+``apply`` draws the noise from torch's RNG).
 """
 from __future__ import annotations
 
 import itertools
+import math
 import numbers
 from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
 
@@ -52,9 +72,17 @@ from torch import nn
 __all__ = [
     "JITTER_OPS",
     "PARAM_KEYS",
+    "POLICIES",
+    "POLICY_OPS",
+    "POLICY_PARAM_KEYS",
+    "ERASE_MODES",
+    "ERASE_PARAM_KEYS",
     "GPUAugment",
     "EvalTransform",
     "eval_transform",
+    "policy_magnitudes",
+    "MixupCutmix",
+    "tta_flip_logits",
 ]
 
 #: the colour ops in the numbering used by ``params["jitter_order"]``
@@ -63,6 +91,26 @@ BRIGHTNESS, CONTRAST, SATURATION, HUE = 0, 1, 2, 3
 #: the keys of the dict returned by :meth:`GPUAugment.sample`
 PARAM_KEYS: Tuple[str, ...] = ("crop_offsets", "flip", "brightness", "contrast", "saturation", "hue",
                                "jitter_order")
+
+#: the augmentation policies GPUAugment(policy=...) runs (torchvision.transforms.v2's TrivialAugmentWide, RandAugment)
+POLICIES: Tuple[str, str] = ("trivialaugment", "randaugment")
+#: the policies' ops, in torchvision's order: the numbering used by ``params["policy_ops"]``
+POLICY_OPS: Tuple[str, ...] = ("Identity", "ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate", "Brightness",
+                               "Color", "Contrast", "Sharpness", "Posterize", "Solarize", "AutoContrast", "Equalize")
+(IDENTITY, SHEAR_X, SHEAR_Y, TRANSLATE_X, TRANSLATE_Y, ROTATE, BRIGHTNESS_OP, COLOR, CONTRAST_OP, SHARPNESS,
+ POSTERIZE, SOLARIZE, AUTOCONTRAST, EQUALIZE) = range(len(POLICY_OPS))
+#: the ops whose magnitude gets a random sign (torchvision's "signed" flag)
+_SIGNED_OPS = (SHEAR_X, SHEAR_Y, TRANSLATE_X, TRANSLATE_Y, ROTATE, BRIGHTNESS_OP, COLOR, CONTRAST_OP, SHARPNESS)
+#: the keys :meth:`GPUAugment.sample` adds with a policy
+POLICY_PARAM_KEYS: Tuple[str, ...] = ("policy_ops", "policy_bins", "policy_negate")
+#: timm RandomErasing's fill modes: zeros, one normal colour per box, normal noise per pixel
+ERASE_MODES: Tuple[str, str, str] = ("const", "rand", "pixel")
+#: the keys :meth:`GPUAugment.sample` adds with random erasing (plus ``erase_colors`` in mode 'rand' and
+#: ``erase_noise`` in mode 'pixel' when sample() is given the image size)
+ERASE_PARAM_KEYS: Tuple[str, ...] = ("erase_apply", "erase_count", "erase_attempts", "erase_position")
+_ERASE_TRIES = 10                       # timm's attempts per box
+# bounds on what a config may ask for (each policy op is ~40 passes over the batch; each box a mask)
+_MAX_POLICY_OPS, _MAX_POLICY_BINS, _MAX_ERASE_COUNT = 16, 1024, 16
 
 # ITU-R 601-2 luma, the coefficients torchvision's rgb_to_grayscale uses
 _GRAY_R, _GRAY_G, _GRAY_B = 0.2989, 0.587, 0.114
@@ -109,6 +157,28 @@ def _factor_range(name: str, value: _Range, *, hue: bool = False) -> Optional[Tu
     if lo == hi == center:
         return None
     return (lo, hi)
+
+
+def _whole_number(name: str, value: Any, low: int, high: Optional[int] = None) -> int:
+    """A whole number in [low, high] (the upper bound keeps a config's cost bounded), else ValueError."""
+    span = f"in {low}..{high}" if high is not None else f">= {low}"
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) and not (
+            isinstance(value, float) and value.is_integer()):
+        raise ValueError(f"{name} must be a whole number {span}, got {value!r}")
+    if int(value) < low or high is not None and int(value) > high:
+        raise ValueError(f"{name} must be a whole number {span}, got {value!r}")
+    return int(value)
+
+
+def _number_pair(name: str, value: Any) -> Tuple[float, float]:
+    """A (min, max) pair of numbers, else ValueError naming the option."""
+    try:
+        pair = tuple(float(v) for v in value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a (min, max) pair of numbers, got {value!r}") from None
+    if len(pair) != 2 or pair[0] > pair[1]:
+        raise ValueError(f"{name} must be a (min, max) pair of numbers with min <= max, got {value!r}")
+    return pair
 
 
 def _as_dtype(value: Union[str, torch.dtype]) -> torch.dtype:
@@ -198,6 +268,180 @@ def _slot_table(blend_ops: Sequence[int], hue_on: bool) -> torch.Tensor:
     return table[:, :n_slots]
 
 
+# ----------------------------------------------------------------------------- policies (TrivialAugmentWide, RandAugmen
+
+def policy_magnitudes(policy: str, num_bins: int = 31, height: int = 64, width: int = 64) -> torch.Tensor:
+    """(len(POLICY_OPS), num_bins) float32: each op's magnitude bins, as torchvision.transforms.v2's
+    TrivialAugmentWide / RandAugment define them (``_AUGMENTATION_SPACE``), unsigned; a row of zeros for
+    the ops without a magnitude.  Only RandAugment's translations depend on the image size."""
+    policy = _check_policy(policy)
+    if policy is None:
+        raise ValueError("policy_magnitudes needs a policy: 'trivialaugment' or 'randaugment'")
+    n = int(num_bins)
+    zero = torch.zeros(n)
+    if policy == "trivialaugment":
+        shear, tx, ty, rotate, colour, posterize_div = 0.99, 32.0, 32.0, 135.0, 0.99, 6
+    else:
+        shear, tx, ty, rotate, colour, posterize_div = 0.3, 150.0 / 331.0 * width, 150.0 / 331.0 * height, 30.0, 0.9, 4
+    posterize = (8 - (torch.arange(n) / ((n - 1) / posterize_div))).round().int().float()
+    rows = [zero, torch.linspace(0.0, shear, n), torch.linspace(0.0, shear, n), torch.linspace(0.0, tx, n),
+            torch.linspace(0.0, ty, n), torch.linspace(0.0, rotate, n)]
+    rows += [torch.linspace(0.0, colour, n)] * 4                  # Brightness, Color, Contrast, Sharpness
+    rows += [posterize, torch.linspace(1.0, 0.0, n), zero, zero]  # Posterize (bits), Solarize, AutoContrast, Equalize
+    return torch.stack(rows)
+
+
+def _check_policy(policy: Optional[str]) -> Optional[str]:
+    if policy is None or policy in ("", "none"):
+        return None
+    name = str(policy).lower().replace("_", "").replace("-", "")
+    name = {"trivialaugmentwide": "trivialaugment", "ta": "trivialaugment", "ra": "randaugment"}.get(name, name)
+    if name not in POLICIES:
+        raise ValueError(f"policy must be one of {[None, *POLICIES]}, got {policy!r}")
+    return name
+
+
+def _sel(op: torch.Tensor, k: int) -> torch.Tensor:
+    """(B,) op ids -> (B, 1, 1, 1) bool: the samples whose op is k."""
+    return (op == k).view(-1, 1, 1, 1)
+
+
+def _policy_affine(x: torch.Tensor, op: torch.Tensor, mag: torch.Tensor, fill: Optional[torch.Tensor]) -> torch.Tensor:
+    """ShearX/Y, TranslateX/Y and Rotate of x (B, C, H, W) float holding uint8 values, one op per sample
+    (other samples untouched), as one grid_sample with per-sample matrices.
+
+    The matrices are torchvision's ``_get_inverse_affine_matrix`` for the calls its policies make
+    (F.affine with shear = degrees(atan(m)) about the top-left corner, translate = int(m); F.rotate by m
+    about the centre), computed in float64 and cast to float32 as torchvision does; the grid is its
+    ``_affine_grid``; nearest sampling, outside pixels 0 or ``fill`` (B, C, 1, 1 or 1, C, 1, 1)."""
+    B, C, H, W = x.shape
+    dt = torch.float32 if x.device.type == "mps" else torch.float64     # MPS has no float64
+    m = mag.to(dt)
+    zero = torch.zeros_like(m)
+    shear_deg = torch.rad2deg(torch.atan(m))
+    shear_x = torch.where(op == SHEAR_X, shear_deg, zero)
+    shear_y = torch.where(op == SHEAR_Y, shear_deg, zero)
+    tx = torch.where(op == TRANSLATE_X, m.trunc(), zero)
+    ty = torch.where(op == TRANSLATE_Y, m.trunc(), zero)
+    # F.rotate(angle) = affine matrix of -(angle mod 360) about the centre
+    angle = torch.where(op == ROTATE, -torch.remainder(m, 360.0), zero)
+    corner = (op == SHEAR_X) | (op == SHEAR_Y)                           # shears pivot on pixel (0, 0)'s corner
+    cx = torch.where(corner, zero - 0.5 * W, zero)
+    cy = torch.where(corner, zero - 0.5 * H, zero)
+    rot, sx, sy = torch.deg2rad(angle), torch.deg2rad(shear_x), torch.deg2rad(shear_y)
+    cos_sy, tan_sx, rot_minus_sy = torch.cos(sy), torch.tan(sx), rot - sy
+    a = torch.cos(rot_minus_sy) / cos_sy
+    b = -(a * tan_sx + torch.sin(rot))
+    c = torch.sin(rot_minus_sy) / cos_sy
+    d = torch.cos(rot) - c * tan_sx
+    cx_tx, cy_ty = cx + tx, cy + ty
+    m0, m1, m3, m4 = d, -b, -c, a
+    m2 = cx - m0 * cx_tx - m1 * cy_ty
+    m5 = cy - m3 * cx_tx - m4 * cy_ty
+    theta = torch.stack([m0, m1, m2, m3, m4, m5], dim=1).view(B, 2, 3).to(torch.float32)
+    # torchvision's _affine_grid, batched: pixel-centred coordinates (x, y, 1) @ theta^T / (w/2, h/2).  The
+    # 3-term dot product is written out: the same float32 sums as torchvision's bmm on the CPU, and never
+    # TF32 (which CUDA matmuls may use; its ~1e-3 error would move nearest samples across pixel edges)
+    scaled = theta.transpose(1, 2).contiguous()                          # (B, 3, 2)
+    scaled[..., 0].div_(0.5 * W)
+    scaled[..., 1].div_(0.5 * H)
+    xs = torch.linspace((1.0 - W) * 0.5, (W - 1.0) * 0.5, steps=W, device=x.device).view(1, 1, W, 1)
+    ys = torch.linspace((1.0 - H) * 0.5, (H - 1.0) * 0.5, steps=H, device=x.device).view(1, H, 1, 1)
+    rows = scaled.view(B, 1, 1, 3, 2)
+    grid = xs * rows[..., 0, :] + ys * rows[..., 1, :] + rows[..., 2, :]   # (B, H, W, 2)
+    src = x if fill is None else torch.cat([x, torch.ones_like(x[:, :1])], dim=1)   # + a mask channel
+    warped = F.grid_sample(src, grid, mode="nearest", padding_mode="zeros", align_corners=False)
+    if fill is not None:
+        warped, mask = warped[:, :C], warped[:, C:]
+        warped = torch.where(mask < 0.5, fill.to(warped.dtype).expand_as(warped), warped)
+    geometric = (op >= SHEAR_X) & (op <= ROTATE)
+    return torch.where(geometric.view(B, 1, 1, 1), warped, x)
+
+
+def _policy_blend(x: torch.Tensor, op: torch.Tensor, mag: torch.Tensor) -> torch.Tensor:
+    """Brightness, Color (saturation), Contrast and Sharpness with factor 1 + m, one op per sample, as one
+    blend ``floor(clamp(x * f + target * (1 - f), 0, 255))`` (the uint8 cast of torchvision's ``_blend``):
+    target 0, the floored grayscale, its mean, or for Sharpness f = 1 and target the difference
+    between torchvision's rounded 3x3 smoothing and x (0 on the one-pixel border it leaves alone)."""
+    B, C, H, W = x.shape
+    gray = _grayscale(x).floor_()                                       # torchvision's uint8 grayscale
+    target = torch.where(_sel(op, COLOR), gray, torch.zeros_like(gray))
+    target = torch.where(_sel(op, CONTRAST_OP), gray.mean(dim=(1, 2, 3), keepdim=True), target)
+    if H > 2 and W > 2:
+        # torchvision's kernel [[1, 1, 1], [1, 5, 1], [1, 1, 1]] / 13, then rounded: on whole numbers the
+        # sums below are exact and (sum + 4 * centre) / 13 is never within 1/26 of a rounding tie, so
+        # this separable form rounds to the same values as its float32 convolution, in fewer passes
+        rows = x[..., :-2] + x[..., 1:-1] + x[..., 2:]
+        box = rows[..., :-2, :] + rows[..., 1:-1, :] + rows[..., 2:, :]
+        centre = x[..., 1:-1, 1:-1]
+        blurred = box.add_(centre, alpha=4.0).div_(13.0).round_()
+        sharp = F.pad(blurred - centre, (1, 1, 1, 1))
+        target = torch.where(_sel(op, SHARPNESS), sharp, target)
+    blend = (op >= BRIGHTNESS_OP) & (op <= SHARPNESS)
+    weight = torch.where(blend, -mag, torch.zeros_like(mag)).view(B, 1, 1, 1)     # 1 - f, exactly as in float64
+    factor = torch.where(blend & (op != SHARPNESS), 1.0 + mag, torch.ones_like(mag)).view(B, 1, 1, 1)
+    # addcmul: one rounding for target * weight + x * factor, like torchvision's add_(target, alpha=1 - f)
+    return torch.addcmul(x * factor, target, weight).clamp_(0.0, 255.0).floor_()
+
+
+def _policy_tone(x: torch.Tensor, op: torch.Tensor, mag: torch.Tensor) -> torch.Tensor:
+    """Posterize (keep ``mag`` bits), Solarize (invert values >= 255 * mag) and AutoContrast (stretch each
+    channel's min..max to 0..255), one op per sample, each exact on uint8 values as torchvision's."""
+    B = x.shape[0]
+    # posterize: x & mask on uint8 == floor(x / 2^(8-bits)) * 2^(8-bits), exact in float
+    dropped = torch.where(op == POSTERIZE, (8.0 - mag).clamp(min=0.0), torch.zeros_like(mag))
+    step = torch.ldexp(torch.ones_like(mag), dropped).view(B, 1, 1, 1)
+    x = x.div(step).floor_().mul_(step)
+    # solarize: torchvision compares with the threshold 255 * m cast to float32; 256 = never
+    threshold = torch.where(op == SOLARIZE, mag * 255.0, torch.full_like(mag, 256.0)).view(B, 1, 1, 1)
+    x = torch.where(x >= threshold, 255.0 - x, x)
+    # autocontrast: torchvision's maths (inv_scale = (max - min) / 255, flat channels left alone)
+    low = x.amin(dim=(-2, -1), keepdim=True)
+    high = x.amax(dim=(-2, -1), keepdim=True)
+    flat = (high == low) | ~_sel(op, AUTOCONTRAST)
+    inv_scale = torch.where(flat, torch.ones_like(high), (high - low).mul_(1.0 / 255))
+    low = torch.where(flat, torch.zeros_like(low), low)
+    return x.sub(low).div_(inv_scale).clamp_(0.0, 255.0).floor_()
+
+
+def _policy_equalize(x: torch.Tensor, op: torch.Tensor) -> torch.Tensor:
+    """Equalize, exact: torchvision's own batched kernel (per image and channel histograms, PIL's LUT)."""
+    from torchvision.transforms.v2.functional import equalize_image
+
+    equalized = equalize_image(x.to(torch.uint8)).to(x.dtype)
+    return torch.where(_sel(op, EQUALIZE), equalized, x)
+
+
+# ----------------------------------------------------------------------------- random erasing
+
+def _erase_boxes(params: Mapping[str, torch.Tensor], height: int, width: int, area_range: Tuple[float, float],
+                 log_aspect: Tuple[float, float]):
+    """timm RandomErasing's boxes from the uniforms in ``params``, batched: per box up to 10 attempts of
+    (area uniform in area_range of the image / count, aspect log-uniform, h and w rounded half to even),
+    the first that fits (h < H and w < W) is used, its corner uniform over the positions that fit.
+    Returns (top, left, h, w) int64 (B, K) and ``present`` (B, K) bool."""
+    attempts = params["erase_attempts"]                                 # (B, K, tries, 2) uniforms
+    dt = torch.float32 if attempts.device.type == "mps" else torch.float64
+    u = attempts.to(dt)
+    count = params["erase_count"]
+    K = u.shape[1]
+    lo, hi = area_range
+    target_area = (lo + (hi - lo) * u[..., 0]) * float(height * width) / count.to(dt).view(-1, 1, 1)
+    aspect = torch.exp(log_aspect[0] + (log_aspect[1] - log_aspect[0]) * u[..., 1])
+    h = torch.sqrt(target_area * aspect).round_()
+    w = torch.sqrt(target_area / aspect).round_()
+    fits = (w < width) & (h < height)
+    first = fits.to(torch.uint8).argmax(dim=-1, keepdim=True)          # the first attempt that fits
+    h = h.gather(-1, first).squeeze(-1)
+    w = w.gather(-1, first).squeeze(-1)
+    box_index = torch.arange(K, device=count.device)
+    present = fits.any(dim=-1) & (box_index < count.view(-1, 1)) & params["erase_apply"].view(-1, 1)
+    pos = params["erase_position"].to(dt)                               # (B, K, 2) uniforms
+    top = torch.minimum((pos[..., 0] * (height - h + 1)).floor_(), height - h)
+    left = torch.minimum((pos[..., 1] * (width - w + 1)).floor_(), width - w)
+    return top.long(), left.long(), h.long(), w.long(), present
+
+
 # ----------------------------------------------------------------------------- eval / normalize
 
 def eval_transform(images: torch.Tensor, mean: Optional[Sequence[float]] = IMAGENET_DEFAULT_MEAN,
@@ -235,9 +479,12 @@ class EvalTransform(nn.Module):
     def _finish(self, x: torch.Tensor, fmt: torch.memory_format,
                 out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
         """float in [0, 1] -> normalized, cast, in the output memory format."""
+        return self._normalized(x).to(out_dtype or self.out_dtype).contiguous(memory_format=fmt)
+
+    def _normalized(self, x: torch.Tensor) -> torch.Tensor:
         if self.normalize:
             x = (x - self.mean.to(x.dtype)) / self.std.to(x.dtype)
-        return x.to(out_dtype or self.out_dtype).contiguous(memory_format=fmt)
+        return x
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         _check_images(images)
@@ -254,7 +501,8 @@ class EvalTransform(nn.Module):
 # ----------------------------------------------------------------------------- train augmentation
 
 class GPUAugment(EvalTransform):
-    """Random crop (zero padding) + horizontal flip + ColorJitter + normalization, batched on the device.
+    """Random crop (zero padding) + horizontal flip + ColorJitter + normalization, batched on the device;
+    optionally TrivialAugmentWide / RandAugment (after the flip) and random erasing (after normalization).
 
     Args:
         crop_padding: zero padding on each side before the random crop back to the input size
@@ -269,6 +517,20 @@ class GPUAugment(EvalTransform):
         mean, std: per-channel normalization after the augmentation; None for both = no normalization.
         out_dtype: output dtype (float32 default; e.g. bfloat16).  The maths runs in float32.
         channels_last: return channels_last tensors; otherwise the input's memory format is kept.
+        policy: None (default, off), "trivialaugment" (torchvision TrivialAugmentWide: one op per sample,
+            a random magnitude bin) or "randaugment" (RandAugment: ``ra_num_ops`` ops per sample at bin
+            ``ra_magnitude``), run on the uint8 values after crop and flip, before the colour jitter.
+            Colour jitter stays on unless switched off (timm drops it when a policy is set).
+        ra_num_ops, ra_magnitude: RandAugment's ``num_ops`` (2) and ``magnitude`` (9, a bin index).
+        policy_bins: the policies' ``num_magnitude_bins`` (31).
+        policy_fill: value(s) in 0..255 for the pixels the affine ops bring in (torchvision's ``fill``,
+            e.g. timm's mean colour (124, 116, 104)); None = 0.
+        erase_p: timm RandomErasing's ``probability`` per sample (0 = off), on the normalized image.
+        erase_mode: "pixel" (normal noise per pixel, timm train.py's default), "rand" (a normal colour
+            per box) or "const" (zeros).
+        erase_count: timm's ``max_count``: each erased sample gets 1..erase_count boxes.
+        erase_area: (min_area, max_area) of a box as a fraction of the image (split over the boxes).
+        erase_aspect: (min_aspect, max_aspect) of a box, drawn log-uniform.
 
     ``aug(images)`` samples on the images' device (``generator`` optional) and applies.
     """
@@ -277,8 +539,14 @@ class GPUAugment(EvalTransform):
                  brightness: _Range = 0.2, contrast: _Range = 0.2, saturation: _Range = 0.2, hue: _Range = 0.05,
                  jitter_p: float = 1.0,
                  mean: Optional[Sequence[float]] = IMAGENET_DEFAULT_MEAN, std: Optional[Sequence[float]] = IMAGENET_DEFAULT_STD,
-                 out_dtype: Union[str, torch.dtype] = torch.float32, channels_last: bool = False):
+                 out_dtype: Union[str, torch.dtype] = torch.float32, channels_last: bool = False,
+                 policy: Optional[str] = None, ra_num_ops: int = 2, ra_magnitude: int = 9, policy_bins: int = 31,
+                 policy_fill: Union[float, Sequence[float], None] = None,
+                 erase_p: float = 0.0, erase_mode: str = "pixel", erase_count: int = 1,
+                 erase_area: Sequence[float] = (0.02, 1 / 3), erase_aspect: Sequence[float] = (0.3, 1 / 0.3)):
         super().__init__(mean=mean, std=std, out_dtype=out_dtype, channels_last=channels_last)
+        self._init_policy(policy, ra_num_ops, ra_magnitude, policy_bins, policy_fill)
+        self._init_erasing(erase_p, erase_mode, erase_count, erase_area, erase_aspect)
         padding = int(crop_padding or 0)
         if padding < 0:
             raise ValueError(f"crop_padding must be >= 0, got {crop_padding}")
@@ -310,10 +578,65 @@ class GPUAugment(EvalTransform):
         self.register_buffer("_order_code", torch.tensor([64, 16, 4, 1]), persistent=False)
         self.register_buffer("_slot_table", _slot_table(self._blend_ops, self._hue_on), persistent=False)
 
+    def _init_policy(self, policy, ra_num_ops, ra_magnitude, policy_bins, policy_fill) -> None:
+        self.policy = _check_policy(policy)
+        self.policy_bins = _whole_number("policy_bins", policy_bins, low=2, high=_MAX_POLICY_BINS)
+        self.ra_num_ops = _whole_number("ra_num_ops", ra_num_ops, low=0, high=_MAX_POLICY_OPS)
+        self.ra_magnitude = _whole_number("ra_magnitude", ra_magnitude, low=0)
+        if self.ra_magnitude >= self.policy_bins:
+            raise ValueError(f"ra_magnitude must be a bin index below policy_bins={self.policy_bins}, "
+                             f"got {ra_magnitude}")
+        fill = None
+        if policy_fill is not None:
+            try:
+                values = ([float(policy_fill)] * 3 if isinstance(policy_fill, numbers.Number)
+                          else [float(v) for v in policy_fill])
+            except (TypeError, ValueError):
+                values = []
+            if len(values) == 1:
+                values *= 3
+            if len(values) != 3 or not all(0.0 <= v <= 255.0 for v in values):
+                raise ValueError(f"policy_fill must be one value or 3 (RGB) in 0..255, got {policy_fill!r}")
+            fill = tuple(values) if any(values) else None          # 0 fills like no fill (zero padding)
+        self.policy_fill = fill
+        # (op, bin) -> unsigned magnitude; RandAugment's translations are rescaled to the image in apply
+        table = policy_magnitudes(self.policy or "trivialaugment", self.policy_bins)
+        self.register_buffer("_policy_table", table, persistent=False)
+        self.register_buffer("_policy_signed", torch.isin(torch.arange(len(POLICY_OPS)), torch.tensor(_SIGNED_OPS)),
+                             persistent=False)
+        self.register_buffer("_policy_fill", torch.tensor(fill or (0.0, 0.0, 0.0)).view(1, 3, 1, 1), persistent=False)
+
+    def _init_erasing(self, erase_p, erase_mode, erase_count, erase_area, erase_aspect) -> None:
+        if not isinstance(erase_p, numbers.Real) or not 0.0 <= float(erase_p) <= 1.0:
+            raise ValueError(f"erase_p must be a number in [0, 1], got {erase_p!r}")
+        mode = str(erase_mode).lower()
+        if mode not in ERASE_MODES:
+            raise ValueError(f"erase_mode must be one of {list(ERASE_MODES)}, got {erase_mode!r}")
+        area = _number_pair("erase_area", erase_area)
+        aspect = _number_pair("erase_aspect", erase_aspect)
+        if not 0.0 < area[0] <= area[1] <= 1.0:
+            raise ValueError(f"erase_area must be (min, max) with 0 < min <= max <= 1, got {erase_area!r}")
+        if not 0.0 < aspect[0] <= aspect[1] < math.inf:
+            raise ValueError(f"erase_aspect must be (min, max) with 0 < min <= max, got {erase_aspect!r}")
+        self.erase_p = float(erase_p)
+        self.erase_mode = mode
+        self.erase_count = _whole_number("erase_count", erase_count, low=1, high=_MAX_ERASE_COUNT)
+        self.erase_area = area
+        self.erase_aspect = aspect
+        self._log_aspect = (math.log(aspect[0]), math.log(aspect[1]))
+
+    @property
+    def policy_steps(self) -> int:
+        """Ops each sample gets from the policy: 1 (TrivialAugmentWide), ra_num_ops (RandAugment), 0 (off)."""
+        if self.policy is None:
+            return 0
+        return 1 if self.policy == "trivialaugment" else self.ra_num_ops
+
     # -- configuration ------------------------------------------------------------------------
 
     _CONFIG_KEYS = ("crop_padding", "flip_p", "brightness", "contrast", "saturation", "hue", "jitter_p",
-                    "mean", "std", "out_dtype", "channels_last")
+                    "mean", "std", "out_dtype", "channels_last", "policy", "ra_num_ops", "ra_magnitude",
+                    "policy_bins", "policy_fill", "erase_p", "erase_mode", "erase_count", "erase_area", "erase_aspect")
 
     @classmethod
     def from_config(cls, config: Optional[Mapping[str, Any]] = None, **overrides: Any) -> "GPUAugment":
@@ -326,11 +649,13 @@ class GPUAugment(EvalTransform):
         unknown = sorted(set(cfg) - set(cls._CONFIG_KEYS))
         if unknown:
             raise ValueError(f"unknown augment option(s) {unknown}; valid: {['enabled', *cls._CONFIG_KEYS]}")
-        for key in ("mean", "std", "brightness", "contrast", "saturation", "hue"):
+        for key in ("mean", "std", "brightness", "contrast", "saturation", "hue", "policy_fill", "erase_area",
+                    "erase_aspect"):
             if isinstance(cfg.get(key), list):
                 cfg[key] = tuple(cfg[key])
         if not enabled:
-            cfg.update(crop_padding=0, flip_p=0.0, brightness=0, contrast=0, saturation=0, hue=0)
+            cfg.update(crop_padding=0, flip_p=0.0, brightness=0, contrast=0, saturation=0, hue=0, policy=None,
+                       erase_p=0.0)
         return cls(**cfg)
 
     @classmethod
@@ -355,27 +680,45 @@ class GPUAugment(EvalTransform):
             "mean": self.mean.flatten().tolist() if self.normalize else None,
             "std": self.std.flatten().tolist() if self.normalize else None,
             "out_dtype": str(self.out_dtype).replace("torch.", ""), "channels_last": self.channels_last,
+            "policy": self.policy, "ra_num_ops": self.ra_num_ops, "ra_magnitude": self.ra_magnitude,
+            "policy_bins": self.policy_bins, "policy_fill": list(self.policy_fill) if self.policy_fill else None,
+            "erase_p": self.erase_p, "erase_mode": self.erase_mode, "erase_count": self.erase_count,
+            "erase_area": list(self.erase_area), "erase_aspect": list(self.erase_aspect),
         }
 
     @property
     def enabled(self) -> bool:
         """False when every random op is off (then ``aug(x) == aug.eval_transform(x)``)."""
-        return bool(self.crop_padding or self.flip_p > 0 or self._blend_ops or self._hue_on)
+        return bool(self.crop_padding or self.flip_p > 0 or self._blend_ops or self._hue_on or self.policy_steps
+                    or self.erase_p > 0)
 
     def extra_repr(self) -> str:
         parts = [f"crop_padding={self.crop_padding}", f"flip_p={self.flip_p}"]
         parts += [f"{k}={list(v) if v else 0}" for k, v in self.ranges.items()]
         parts.append(f"jitter_p={self.jitter_p}")
+        if self.policy == "trivialaugment":
+            parts.append(f"policy=trivialaugment, policy_bins={self.policy_bins}")
+        elif self.policy == "randaugment":
+            parts.append(f"policy=randaugment, ra_num_ops={self.ra_num_ops}, ra_magnitude={self.ra_magnitude}, "
+                         f"policy_bins={self.policy_bins}")
+        if self.policy and self.policy_fill:
+            parts.append(f"policy_fill={list(self.policy_fill)}")
+        if self.erase_p > 0:
+            parts.append(f"erase_p={self.erase_p}, erase_mode={self.erase_mode}, erase_count={self.erase_count}")
         return ", ".join(parts) + ", " + super().extra_repr()
 
     # -- sampling -----------------------------------------------------------------------------
 
     def sample(self, batch_size: int, generator: Optional[torch.Generator] = None,
-               device: Optional[Union[str, torch.device]] = None) -> Dict[str, torch.Tensor]:
-        """Per-sample parameters for a batch (see the module docstring), drawn with one torch RNG call.
+               device: Optional[Union[str, torch.device]] = None,
+               image_size: Optional[Sequence[int]] = None) -> Dict[str, torch.Tensor]:
+        """Per-sample parameters for a batch (see the module docstring), drawn with one torch RNG call
+        (one more for a policy, one more for random erasing).
 
         ``device`` defaults to the generator's device, else the module's (buffers') device.  With a
-        generator on another device the draw happens there and the result is moved to ``device``."""
+        generator on another device the draw happens there and the result is moved to ``device``.
+        ``image_size`` (H, W) matters only for erasing in mode 'pixel': given, the noise is drawn here
+        (``erase_noise``), so that ``apply`` is a function of ``params``; otherwise ``apply`` draws it."""
         if device is None:
             device = generator.device if generator is not None else self.mean.device
         device = torch.device(device)
@@ -396,6 +739,44 @@ class GPUAugment(EvalTransform):
         params: Dict[str, torch.Tensor] = {"crop_offsets": crop, "flip": flip}
         params.update(zip(JITTER_OPS, factors.unbind(dim=1)))
         params["jitter_order"] = u[:, 8:12].argsort(dim=1)
+        if self.policy_steps:
+            params.update(self._sample_policy(B, generator, draw_device, device))
+        if self.erase_p > 0:
+            params.update(self._sample_erasing(B, generator, draw_device, device, image_size))
+        return params
+
+    def _sample_policy(self, B: int, generator, draw_device, device) -> Dict[str, torch.Tensor]:
+        """ops uniform over POLICY_OPS, bins uniform (TrivialAugmentWide) or ra_magnitude (RandAugment),
+        a sign per op (torchvision negates when its draw is <= 0.5); (B, policy_steps) each."""
+        n = self.policy_steps
+        u = torch.rand(B, n, 3, generator=generator, device=draw_device)
+        if draw_device != device:
+            u = u.to(device)
+        ops = (u[..., 0] * len(POLICY_OPS)).floor_().long().clamp_(max=len(POLICY_OPS) - 1)
+        if self.policy == "trivialaugment":
+            bins = (u[..., 1] * self.policy_bins).floor_().long().clamp_(max=self.policy_bins - 1)
+        else:
+            bins = torch.full((B, n), self.ra_magnitude, dtype=torch.long, device=device)
+        return {"policy_ops": ops, "policy_bins": bins, "policy_negate": u[..., 2] <= 0.5}
+
+    def _sample_erasing(self, B: int, generator, draw_device, device, image_size) -> Dict[str, torch.Tensor]:
+        """timm RandomErasing's draws as uniforms: apply (u <= erase_p), count (1..erase_count), per box
+        10 attempts of (area, aspect) and the corner position; 'rand' mode: a normal colour per box."""
+        K = self.erase_count
+        u = torch.rand(B, 2 + K * (2 * _ERASE_TRIES + 2), generator=generator, device=draw_device)
+        if draw_device != device:
+            u = u.to(device)
+        params = {
+            "erase_apply": u[:, 0] <= self.erase_p,
+            "erase_count": (u[:, 1] * K).floor_().long().clamp_(max=K - 1).add_(1),
+            "erase_attempts": u[:, 2:2 + 2 * K * _ERASE_TRIES].reshape(B, K, _ERASE_TRIES, 2),
+            "erase_position": u[:, 2 + 2 * K * _ERASE_TRIES:].reshape(B, K, 2),
+        }
+        if self.erase_mode == "rand":
+            params["erase_colors"] = torch.randn(B, K, 3, generator=generator, device=draw_device).to(device)
+        elif self.erase_mode == "pixel" and image_size is not None:
+            H, W = (int(v) for v in image_size)
+            params["erase_noise"] = torch.randn(B, 3, H, W, generator=generator, device=draw_device).to(device)
         return params
 
     # -- applying -----------------------------------------------------------------------------
@@ -474,10 +855,64 @@ class GPUAugment(EvalTransform):
         fmt = _out_format(images, self.channels_last)
         if self.crop_padding or self.flip_p > 0:
             images = self._crop_flip(images, params["crop_offsets"], params["flip"])
-        x = _to_unit_float(images)
+        if self.policy_steps:
+            x = self._policy(images.to(torch.float32), params).mul_(1.0 / 255)   # = _to_unit_float of its uint8
+        else:
+            x = _to_unit_float(images)
         if self._blend_ops or self._hue_on:
             x = self._jitter(x, params)
+        if self.erase_p > 0:
+            x = self._erase(self._normalized(x), params)
+            return x.to(out_dtype or self.out_dtype).contiguous(memory_format=fmt)
         return self._finish(x, fmt, out_dtype)
+
+    def _policy(self, x: torch.Tensor, params: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """The policy's ops on x (B, 3, H, W) float32 holding uint8 values, each sample its own op and
+        magnitude per step.  Every op family runs on the whole batch with identity parameters for the
+        samples that drew another op (no data-dependent indexing, so no host sync), and each op ends in
+        the uint8 truncation torchvision's uint8 kernels do, so the values stay whole numbers."""
+        B, _, H, W = x.shape
+        ops, bins = params["policy_ops"], params["policy_bins"]
+        table = self._policy_table
+        if self.policy == "randaugment":                                 # translations scale with the image
+            n = self.policy_bins
+            table = torch.cat([table[:TRANSLATE_X],
+                               torch.linspace(0.0, 150.0 / 331.0 * W, n, device=table.device).unsqueeze(0),
+                               torch.linspace(0.0, 150.0 / 331.0 * H, n, device=table.device).unsqueeze(0),
+                               table[TRANSLATE_Y + 1:]])
+        magnitude = table.flatten()[ops * table.shape[1] + bins]          # (B, steps)
+        magnitude = torch.where(params["policy_negate"] & self._policy_signed[ops], -magnitude, magnitude)
+        fill = self._policy_fill if self.policy_fill else None
+        for step in range(ops.shape[1]):
+            op, mag = ops[:, step], magnitude[:, step]
+            x = _policy_affine(x, op, mag, fill)
+            x = _policy_blend(x, op, mag)
+            x = _policy_tone(x, op, mag)
+            x = _policy_equalize(x, op)
+        return x
+
+    def _erase(self, x: torch.Tensor, params: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """timm RandomErasing on the normalized batch x (B, 3, H, W), per sample, as masks (no loop over
+        samples): pixels in a sample's boxes become noise, the box's colour, or 0 (see erase_mode)."""
+        B, C, H, W = x.shape
+        top, left, h, w, present = _erase_boxes(params, H, W, self.erase_area, self._log_aspect)
+        rows = torch.arange(H, device=x.device)
+        cols = torch.arange(W, device=x.device)
+        in_rows = (rows >= top.unsqueeze(-1)) & (rows < (top + h).unsqueeze(-1))       # (B, K, H)
+        in_cols = (cols >= left.unsqueeze(-1)) & (cols < (left + w).unsqueeze(-1))     # (B, K, W)
+        boxes = in_rows.unsqueeze(-1) & in_cols.unsqueeze(-2) & present.view(B, -1, 1, 1)  # (B, K, H, W)
+        if self.erase_mode == "rand":                                    # later boxes paint over earlier ones
+            colors = params["erase_colors"].to(x.dtype)
+            for k in range(boxes.shape[1]):
+                x = torch.where(boxes[:, k:k + 1], colors[:, k].view(B, C, 1, 1), x)
+            return x
+        erased = boxes.any(dim=1, keepdim=True)
+        if self.erase_mode == "const":
+            return x.masked_fill(erased, 0.0)
+        noise = params.get("erase_noise")
+        if noise is None:
+            noise = torch.randn(x.shape, dtype=x.dtype, device=x.device)
+        return torch.where(erased, noise.to(x.dtype), x)
 
     def eval_transform(self, images: torch.Tensor) -> torch.Tensor:
         """No augmentation: uint8 -> [0, 1] -> this instance's normalization (for val / test)."""
@@ -485,4 +920,74 @@ class GPUAugment(EvalTransform):
 
     def forward(self, images: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
         _check_images(images)
-        return self.apply(images, self.sample(images.shape[0], generator=generator, device=images.device))
+        return self.apply(images, self.sample(images.shape[0], generator=generator, device=images.device,
+                                              image_size=images.shape[-2:]))
+
+
+# ----------------------------------------------------------------------------- mixup / cutmix, flip TTA
+
+class MixupCutmix:
+    """timm's Mixup / CutMix on an augmented device batch, with soft targets for
+    ``timm.loss.SoftTargetCrossEntropy`` (``self.loss``)::
+
+        mix = MixupCutmix(num_classes=200, mixup_alpha=0.8, cutmix_alpha=1.0, label_smoothing=0.1)
+        x, soft = mix(aug(images), labels)          # x mixed in place; soft (B, num_classes) float32
+        loss = mix.loss(model(x), soft)             # the label smoothing is in the targets
+
+    A thin wrapper of ``timm.data.Mixup`` (its draws, boxes and lambda correction): ``mode='elem'`` (the
+    default) gives every sample its own lambda and its own choice of mixup or cutmix, mixing sample i
+    with sample B-1-i.  timm needs an even batch: in an odd one the last sample is left unmixed (its
+    target is the smoothed one-hot).  timm draws on the host (numpy) and loops over the samples in
+    Python, and its per-sample lambdas go to the device in a blocking copy: use ``mode='batch'`` where
+    that shows in a profile.
+    """
+
+    def __init__(self, num_classes: int, mixup_alpha: float = 0.0, cutmix_alpha: float = 0.0, prob: float = 1.0,
+                 switch_prob: float = 0.5, mode: str = "elem", label_smoothing: float = 0.1, correct_lam: bool = True):
+        from timm.data import Mixup
+        from timm.loss import SoftTargetCrossEntropy
+
+        if float(mixup_alpha) < 0 or float(cutmix_alpha) < 0 or not (mixup_alpha or cutmix_alpha):
+            raise ValueError(f"mixup_alpha and cutmix_alpha must be >= 0 and one of them > 0, got {mixup_alpha} "
+                             f"and {cutmix_alpha}; leave mixing off instead of building a MixupCutmix")
+        for name, value in (("prob", prob), ("switch_prob", switch_prob)):
+            if not 0.0 <= float(value) <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {value}")
+        if not 0.0 <= float(label_smoothing) < 1.0:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
+        if mode not in ("elem", "pair", "batch"):
+            raise ValueError(f"mode must be 'elem', 'pair' or 'batch', got {mode!r}")
+        self.num_classes = _whole_number("num_classes", num_classes, low=1)
+        self.label_smoothing = float(label_smoothing)
+        self.mixup = Mixup(mixup_alpha=float(mixup_alpha), cutmix_alpha=float(cutmix_alpha), prob=float(prob),
+                           switch_prob=float(switch_prob), mode=mode, correct_lam=bool(correct_lam),
+                           label_smoothing=self.label_smoothing, num_classes=self.num_classes)
+        self.loss = SoftTargetCrossEntropy()
+
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(images mixed in place, soft targets (B, num_classes) float32)."""
+        from timm.data.mixup import mixup_target
+
+        B = images.shape[0]
+        even = B - B % 2
+        parts = []
+        if even:
+            _, mixed = self.mixup(images[:even], labels[:even])         # a view: mixes ``images`` in place
+            parts.append(mixed.float())
+        if B % 2:
+            parts.append(mixup_target(labels[even:], self.num_classes, 1.0, self.label_smoothing).float())
+        return images, torch.cat(parts)
+
+
+def tta_flip_logits(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """Horizontal-flip test-time augmentation: the mean of the model's logits on ``images`` and on their
+    mirror images (one forward pass on both), in float32 (or the logits' dtype if wider).
+
+    The mean of the logits, as timm's validate.py reduces its test-time augmentations, rather than the
+    mean of the softmaxes: the two rarely disagree on the top class, and logits keep the loss defined.
+    ``images`` are the model's input (normalized float, e.g. from ``eval_transform``); run the model in
+    eval mode (in train mode batch norm would pool the two halves' statistics)."""
+    both = model(torch.cat([images, images.flip(-1)]))
+    dtype = torch.promote_types(both.dtype, torch.float32)
+    plain, mirrored = both.to(dtype).chunk(2)
+    return (plain + mirrored) * 0.5

@@ -75,7 +75,7 @@ class AugmentConfig:                            # tinycnn.augment.GPUAugment, on
 @dataclass
 class OptimizerConfig:
     name: Literal["sgd", "adam", "adamw", "rmsprop"] = "adamw"
-    lr: float = field(default=0.003, metadata=_range(gt=0, cap=1_000_000))
+    lr: float = field(default=0.003, metadata=_range(gt=0))  # any finite lr: one that diverges stops the run
     weight_decay: float = field(default=0.05, metadata=_range(ge=0, cap=1_000_000))  # never on norms and biases
     momentum: float = field(default=0.9, metadata=_range(ge=0, lt=1))  # sgd, rmsprop
     nesterov: bool = True                                             # sgd

@@ -19,18 +19,32 @@ each keeps every m-th sample of it. Both are exact partitions of the split, so:
 The shard-to-consumer assignment is reshuffled every epoch (`set_epoch`), so ranks see different
 data from epoch to epoch.
 
+Shards read from a URL can be kept in a node-local cache (`cache_dir`, tinycnn.cache): later epochs and runs
+read them from disk, checked against the manifest.
+
+Only the main process decides when to stop: the decoding workers ignore SIGTERM, SIGINT and SIGHUP, which a
+cluster or a terminal sends to the whole process group, so that the main process can stop cleanly (save its
+state, then ShardLoader.close) instead of failing on workers killed under it. A worker still dies with the
+process that started it (PR_SET_PDEATHSIG on Linux; torch's workers also watch their parent).
+
 Do not pass these loaders through `accelerator.prepare`: accelerate's default for iterable datasets
 (`dispatch_batches=True`) makes rank 0 read and decode everything; here each rank reads its own shards.
 """
+import atexit
+import ctypes
 import io
 import itertools
 import math
 import multiprocessing
 import os
 import random
+import signal
 import struct
+import sys
 import tarfile
+import threading
 import warnings
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, List, Mapping, Optional, Sequence, Tuple, Union
@@ -42,6 +56,7 @@ try:  # torchvision 0.29 deprecates its image io in favour of torchcodec; PIL wh
 except ImportError:
     decode_jpeg = None
 
+from .cache import ShardCache
 from .environment import available_cpus
 from .storage import PREPARE_HINT, RETRIES, ShardError, is_url, locate, read_manifest, read_shard, shard_limits
 from .tar import MAX_TAR_BYTES, iter_samples
@@ -156,13 +171,16 @@ class ShardStream(IterableDataset):
 
     def __init__(self, shards, *, batch_size, train, rank=0, world_size=1, seed=0, shuffle_buffer=2048,
                  image_shape=(3, 64, 64), skip_bad=False, retries=RETRIES,
-                 shard_limits: Optional[Mapping[str, Tuple[int, int]]] = None, num_classes: Optional[int] = None):
+                 shard_limits: Optional[Mapping[str, Tuple[int, int]]] = None, num_classes: Optional[int] = None,
+                 cache: Optional[ShardCache] = None):
         """shard_limits: path -> (most bytes of the file, most bytes of its tar) (storage.shard_limits; default
-        storage.MAX_SHARD_BYTES). num_classes: labels outside -1..num_classes-1 are bad samples (-1: unlabeled)."""
+        storage.MAX_SHARD_BYTES). num_classes: labels outside -1..num_classes-1 are bad samples (-1: unlabeled).
+        cache: where the shards it lists are read from and kept (tinycnn.cache), instead of their URLs each time."""
         self.shards, self.batch_size, self.train = list(shards), batch_size, train
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.shuffle_buffer, self.image_shape, self.skip_bad = shuffle_buffer, tuple(image_shape), skip_bad
         self.retries, self.shard_limits, self.num_classes = retries, dict(shard_limits or {}), num_classes
+        self.cache = cache
         # shared with the worker processes: persistent workers see set_epoch, the main process sees skips
         self._epoch = multiprocessing.Value("i", 0)
         self.skipped = multiprocessing.Value("i", 0)
@@ -194,7 +212,10 @@ class ShardStream(IterableDataset):
     def _read_part(self, part: ShardPart):
         file_limit, tar_limit = self.shard_limits.get(part.path, (None, MAX_TAR_BYTES))
         # missing, unreachable or over its limit: a ShardError, even with skip_bad
-        data = read_shard(part.path, self.retries, max_bytes=file_limit)
+        if self.cache is not None and part.path in self.cache:
+            data = self.cache.read(part.path, self.retries, file_limit)
+        else:
+            data = read_shard(part.path, self.retries, max_bytes=file_limit)
         height, width = self.image_shape[1:]
         labels = range(-1, self.num_classes) if self.num_classes is not None else None
         try:
@@ -316,6 +337,55 @@ class ShardStream(IterableDataset):
         yield from self._batches(stream)
 
 
+_STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGINT", "SIGHUP") if hasattr(signal, name))
+
+
+class _WorkerStart:
+    """Run first in each decoding worker (DataLoader's worker_init_fn), then `then` (another worker_init_fn).
+
+    The stop signals a cluster (SLURM, `timeout`) or a terminal sends to the whole process group are ignored:
+    only the main process decides to stop, then ends the workers itself (ShardLoader.close). torch's workers die
+    on SIGTERM by default, which failed the main process's clean stop with "DataLoader worker ... is killed by
+    signal". With `parent` (the pid that starts the workers from its main thread, Linux) a worker is killed when
+    that process dies, however busy it is (torch's own check of the parent runs only between batches).
+    """
+
+    def __init__(self, parent: Optional[int] = None, then=None):
+        self.parent, self.then = parent, then
+
+    def __call__(self, worker_id: int):
+        for sig in _STOP_SIGNALS:
+            signal.signal(sig, signal.SIG_IGN)
+        if self.parent is not None:
+            _die_with_parent(self.parent)
+        if self.then is not None:
+            self.then(worker_id)
+
+
+def _die_with_parent(parent: int):
+    """SIGKILL this process when `parent` (the process that started it) dies (Linux; elsewhere nothing)."""
+    if not sys.platform.startswith("linux"):
+        return
+    PR_SET_PDEATHSIG = 1
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # the parent died before the call above
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+# ShardLoaders with worker processes: stopped at exit, before multiprocessing's own clean-up, which would wait
+# forever for workers that ignore its SIGTERM
+_LOADERS_WITH_WORKERS: "weakref.WeakSet[ShardLoader]" = weakref.WeakSet()
+
+
+@atexit.register  # after torch's and multiprocessing's registration: runs before them
+def _close_loaders():
+    for loader in list(_LOADERS_WITH_WORKERS):
+        loader.close()
+
+
 class ShardLoader:
     """An epoch of uint8 batches for this rank. `len()` is the number of batches this rank yields."""
 
@@ -352,7 +422,10 @@ class ShardLoader:
             # (DataLoader discards batches prefetched for an epoch that stopped early)
             self._loader = DataLoader(self.stream, batch_size=None, num_workers=self.num_workers,
                                       pin_memory=pin, persistent_workers=self.num_workers > 0,
-                                      prefetch_factor=4 if self.num_workers else None)
+                                      prefetch_factor=4 if self.num_workers else None,
+                                      worker_init_fn=_WorkerStart(self._parent_to_watch()))
+            if self.num_workers:
+                _LOADERS_WITH_WORKERS.add(self)
         it = self._raise_relayed(self._loader) if self.num_workers else iter(self._loader)
         return itertools.islice(it, self.num_batches) if self.stream.train else it
 
@@ -366,13 +439,29 @@ class ShardLoader:
                 raise batch
             yield batch
 
+    @staticmethod
+    def _parent_to_watch() -> Optional[int]:
+        """This process's pid when its workers die with it: they are its own children (started by fork or spawn,
+        not a forkserver) from its main thread (the death signal follows the thread that starts a process)."""
+        method = multiprocessing.get_start_method(allow_none=True) or multiprocessing.get_start_method()
+        if method not in ("fork", "spawn") or threading.current_thread() is not threading.main_thread():
+            return None
+        return os.getpid()
+
     def close(self):
         """Stop the worker processes now (they start again on the next iteration)."""
         if self._loader is not None and self._loader._iterator is not None:
+            iterator = self._loader._iterator
             # torch stops persistent workers only when its iterator is garbage, which an iterator still
             # held anywhere (an abandoned epoch) prevents
-            self._loader._iterator._shutdown_workers()
+            iterator._shutdown_workers()
+            # a worker still busy (a shard still downloading) outlives torch's SIGTERM, which workers ignore
+            for worker in getattr(iterator, "_workers", ()):
+                if worker.is_alive():
+                    worker.kill()
+                    worker.join(timeout=5)
         self._loader = None
+        _LOADERS_WITH_WORKERS.discard(self)
 
 
 def default_num_workers() -> int:
@@ -399,6 +488,8 @@ def build_loader(
         pin_memory: Optional[bool] = None,
         skip_bad: bool = False,
         retries: int = RETRIES,
+        cache_dir: Optional[Union[str, Path]] = None,
+        cache_max_bytes: Optional[int] = None,
 ) -> ShardLoader:
     """A loader of uint8 (B,3,64,64) / int64 (B,) batches over `split` of a tinycnn-prepare folder or URL.
 
@@ -409,6 +500,10 @@ def build_loader(
     num_workers: decoding processes (default: `default_num_workers()`).
     pin_memory: default: pinned when tinycnn.transfer.DevicePrefetcher copies to CUDA (else when CUDA is available).
     retries: tries again after transient network errors (connection, timeout, HTTP 5xx), with backoff.
+    cache_dir: with a URL root (pipe: commands included), keep each shard read in this folder (tinycnn.cache),
+    checked against the manifest: later epochs, loaders and runs on this node read it from disk. Off by default;
+    ignored for a folder root. cache_max_bytes: the bound on all shards cached there (default
+    tinycnn.cache.DEFAULT_MAX_BYTES, 50 GiB; least recently used shards go first).
     """
     manifest = read_manifest(root, retries)  # checked: names are plain file names, counts whole numbers
     if split not in manifest["splits"]:
@@ -417,6 +512,11 @@ def build_loader(
     info = manifest["splits"][split]
     shards = [(locate(root, s["file"]), s["num_samples"]) for s in info["shards"]]
     limits = {path: shard_limits(s) for (path, _), s in zip(shards, info["shards"])}
+    cache = None
+    if cache_dir is not None and is_url(root):  # the manifest is read again each time: never cached
+        cache = ShardCache(cache_dir, root, {path: s for (path, _), s in zip(shards, info["shards"])},
+                           max_bytes=cache_max_bytes)
+        cache.check()
     missing = [p for p, _ in shards if not is_url(p) and not os.path.exists(p)]
     if missing:
         raise ShardError(f"{len(missing)} shard(s) of split {split!r} missing, e.g. {missing[0]}: {PREPARE_HINT}")
@@ -430,5 +530,6 @@ def build_loader(
     num_workers = max(0, min(num_workers, math.ceil(num_samples / world_size)))
     stream = ShardStream(shards, batch_size=batch_size, train=train, rank=rank, world_size=world_size, seed=seed,
                          shuffle_buffer=shuffle_buffer, image_shape=tuple(manifest.get("input_shape", (3, 64, 64))),
-                         skip_bad=skip_bad, retries=retries, shard_limits=limits, num_classes=manifest["num_classes"])
+                         skip_bad=skip_bad, retries=retries, shard_limits=limits, num_classes=manifest["num_classes"],
+                         cache=cache)
     return ShardLoader(stream, num_samples, num_workers, pin_memory)

@@ -51,6 +51,7 @@ MAX_IMAGE_SIDE = 512            # input_shape is (3, H, W) with H and W in 1..MA
 
 # A shard file or split name: a plain name (no '/', no '..', nothing a shell or URL would interpret)
 FILE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,200}")
+SHA256_HEX = re.compile(r"[0-9a-f]{64}")  # a shard's sha256 in its manifest entry (hashlib's hexdigest)
 
 _CHUNK = 1 << 20  # bytes per read of a stream
 
@@ -109,8 +110,8 @@ def check_manifest(manifest: Any, where: str = "manifest.json") -> Dict:
 
     A mapping with num_classes (1..MAX_CLASSES), optional classes (num_classes {wnid, name} mappings), optional
     input_shape ([3, H, W], sides up to MAX_IMAGE_SIDE) and splits: split name -> {num_samples, shards: [{file,
-    num_samples, optional bytes (the file's size) and tar_bytes (its tar's size, for gzip shards)}], optional
-    class_counts}. Names are plain names (check_file_name), counts whole numbers >= 0.
+    num_samples, optional bytes (the file's size), tar_bytes (its tar's size, for gzip shards) and sha256 (of the
+    file, 64 lowercase hex digits)}], optional class_counts}. Names are plain names (check_file_name), counts whole numbers >= 0.
     """
     def bad(field: str, problem: str):
         raise ValueError(f"{where} is not a valid tinycnn manifest: {field} {problem}; "
@@ -184,6 +185,9 @@ def check_manifest(manifest: Any, where: str = "manifest.json") -> Dict:
             for key in ("bytes", "tar_bytes"):
                 if key in shard:
                     count(shard[key], f"{at}.{key}", 0, 1 << 62)
+            if "sha256" in shard and (not isinstance(shard["sha256"], str)
+                                      or SHA256_HEX.fullmatch(shard["sha256"]) is None):
+                bad(f"{at}.sha256", f"is {_show(shard['sha256'])}, not 64 lowercase hex digits")
     return manifest
 
 
