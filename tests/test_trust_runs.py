@@ -403,3 +403,25 @@ def test_a_run_folder_train_wrote_is_replaced_and_one_it_did_not_is_not(sample_s
     before = user_folder(mine)
     line = one_error_line(run_recipe("train", *[a if a != out else mine for a in args], "--overwrite"))
     assert "does not look like a tinycnn run folder" in line and snapshot(mine) == before
+
+
+def test_resumed_metrics_are_never_read_or_written_through_a_link(tmp_path):
+    from tinycnn.train import _keep_metrics_until
+
+    secret = tmp_path / "secret.txt"
+    secret.write_text('{"epoch": 9}\nuser data\n')
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").symlink_to(secret)
+    with pytest.raises(ValueError, match="not a regular file"):
+        _keep_metrics_until(run / "metrics.jsonl", 1)
+    assert secret.read_text() == '{"epoch": 9}\nuser data\n'
+
+
+def test_damaged_metrics_lines_are_dropped_on_resume(tmp_path):
+    from tinycnn.train import _keep_metrics_until
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"epoch": 1}\n[1, 2]\n{"epoch": "x"}\n' + "[" * 5000 + "\n" + '{"epoch": 2}\n{"epoch": 3}\n')
+    _keep_metrics_until(path, 2)
+    assert path.read_text() == '{"epoch": 1}\n{"epoch": 2}\n'

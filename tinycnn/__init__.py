@@ -2,7 +2,7 @@
 
 `import tinycnn` registers the models with timm (`timm.create_model('tinycnn')`).
 """
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 from .augment import GPUAugment, eval_transform  # noqa: F401
 from .data import build_loader  # noqa: F401

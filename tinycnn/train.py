@@ -11,6 +11,7 @@ Machinery only: the output folder is claimed (and locked) by the caller, see tin
 """
 import json
 import math
+import os
 import signal
 import time
 from pathlib import Path
@@ -269,16 +270,29 @@ class _StopSignals:
             signal.signal(sig, handler)
 
 
+MAX_METRICS_BYTES = 64 << 20  # one short JSON line per epoch: far below this when tinycnn wrote it
+
+
 def _keep_metrics_until(path: Path, epoch: int):
-    """Drop the metrics.jsonl records after `epoch` (and a line torn by a kill): a resumed run logs them again."""
+    """Drop the metrics.jsonl records after `epoch` (and a line torn by a kill): a resumed run logs them again.
+
+    The run folder may come from someone else: the file is read capped and never through a link."""
     def keep(line: str) -> bool:
         try:
-            return json.loads(line).get("epoch", 0) <= epoch
-        except (json.JSONDecodeError, AttributeError):
+            record = json.loads(line)
+        except (ValueError, RecursionError):
             return False
+        return isinstance(record, dict) and isinstance(record.get("epoch", 0), int) and record.get("epoch", 0) <= epoch
 
+    if path.is_symlink() or (path.exists() and not path.is_file()):
+        raise ValueError(f"{path} is not a regular file: a tinycnn run never writes one like it; "
+                         "start a new run or --resume from a good copy")
     if path.is_file():
-        lines = [line for line in path.read_text().splitlines() if line.strip()]
+        with open(path, "rb") as f:
+            raw = f.read(MAX_METRICS_BYTES + 1)
+        if len(raw) > MAX_METRICS_BYTES:
+            raise ValueError(f"{path} is larger than {MAX_METRICS_BYTES >> 20} MiB: not a tinycnn metrics file")
+        lines = [line for line in raw.decode("utf-8", errors="replace").splitlines() if line.strip()]
         kept = [line for line in lines if keep(line)]
         if len(kept) != len(lines):
             atomic_write(path, lambda tmp: Path(tmp).write_text("".join(line + "\n" for line in kept)))
@@ -287,7 +301,9 @@ def _keep_metrics_until(path: Path, epoch: int):
 def _log_epoch(accelerator: Accelerator, output: Path, record: Dict[str, Any]):
     """metrics.jsonl (one JSON object per epoch), the trackers, and one printed line."""
     if accelerator.is_main_process:
-        with open(output / "metrics.jsonl", "a") as f:
+        # O_NOFOLLOW: a metrics.jsonl planted as a link in someone else's run folder is never written through
+        fd = os.open(output / "metrics.jsonl", os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        with os.fdopen(fd, "a") as f:
             f.write(json.dumps(record) + "\n")
     accelerator.log({k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "epoch"},
                     step=record["step"])
