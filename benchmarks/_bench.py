@@ -44,7 +44,7 @@ COMPILE = _env_flag("TINYCNN_BENCH_COMPILE", ON_CUDA)
 QUICK = _env_flag("TINYCNN_BENCH_QUICK", False)
 #: images per train step (the recipe's default batch on CUDA; small on CPU to keep the run short)
 BATCH = _env_int("TINYCNN_BENCH_BATCH", 256 if ON_CUDA else 32)
-#: bf16 dense peak of the H100s of these machines (measured), for the model-FLOPs utilisation
+#: an H100's bf16 dense peak (measured), for the model-FLOPs utilisation
 PEAK_BF16_FLOPS = 798e12
 
 def sync():
@@ -336,7 +336,7 @@ def summary_lines() -> List[str]:
     lines.append(f"{'group':<15} {'figure':<{w}}  {'value':>18}  note")
     for r in rows:
         lines.append(f"{r['group']:<15} {r['label']:<{w}}  {_value_text(r):>18}  {r['note']}")
-    lines += ["", "goals (issue 6):"]
+    lines += ["", "goals:"]
     w = max(len(g.text) for g in GOALS)
     lines.append(f"{'group':<15} {'goal':<{w}}  {'measured':>14}  {'target':>14}  status")
     for g in GOALS:

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""tinycnn against small timm models, trained with the same recipe on the same shards: the README's table.
+"""tinycnn against small timm models, trained with the same recipe on the same shards: the table in RESULTS.md.
 
     python benchmarks/compare_models.py --data shards/tiny-imagenet --config recipes/configs/cpu.yaml \
         --epochs 3 tinycnn:stage_channels=[16,32,64],stage_repeats=[1,1,1] tinycnn resnet10t mobilenetv3_small_100

@@ -1,13 +1,13 @@
-"""Fixtures and the summary table of the tinycnn benchmark suite (`pytest benchmarks`, see README.md).
+"""Fixtures and the summary table of the tinycnn benchmark suite (`pytest benchmarks`, see benchmarks/README.md).
 
 Real data: the Tiny ImageNet sample zip, located as in tests/conftest.py (TINYCNN_SAMPLE_DATA, default
 ../shared/data beside the checkout; every benchmark skips with a reason when it is not there). It is
-prepared once per session into a temporary folder (`tinycnn.prepare.prepare(..., holdout_per_class=0)`:
+prepared once per pytest run into a temporary folder (`tinycnn.prepare.prepare(..., holdout_per_class=0)`:
 the sample's 5,000 train JPEGs) and its train shards are repeated TINYCNN_BENCH_REPEAT times (hard
 links) so that an epoch is long enough to reach a steady state.
 
 Every measured figure goes into _bench.RESULTS and into the benchmark's `extra_info` (so into
-`--benchmark-json`); `pytest_terminal_summary` prints them side by side with the goals of issue 6.
+`--benchmark-json`); `pytest_terminal_summary` prints them side by side with the goals (benchmarks/README.md).
 Timing goals are never asserted: the tests assert only that they ran what they name (counts, shapes).
 """
 import json

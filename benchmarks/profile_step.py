@@ -1,6 +1,6 @@
 """Kernels and time per train step, under torch.profiler: the step alone, + GPUAugment with apply eager,
-+ GPUAugment with apply compiled (TrainStep's default on CUDA).  Issue 13 estimated eager GPUAugment at
-~130 small kernels a step; this counts them on the machine at hand.
++ GPUAugment with apply compiled (TrainStep's default on CUDA).  Eager GPUAugment is estimated at ~130
+small kernels a step; this counts them on the device at hand.
 
     python benchmarks/profile_step.py                      # default model, bf16 + channels_last, batch 256
     python benchmarks/profile_step.py --batch 8 --steps 2 --out profile.txt   # what .ci/gpu --smoke runs

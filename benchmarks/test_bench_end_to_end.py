@@ -117,7 +117,7 @@ def test_original_pipeline(bench_factory, bench_data):
     bench.ratio("vs_synthetic", "e2e/original", "e2e/synthetic", note="{:.1%} of synthetic")
 
 
-# the default worker count, and on a many-core GPU host also 8 workers (issue 13: does decoding limit it?)
+# the default worker count, and on a many-core GPU host also 8 workers (does decoding limit the epoch?)
 WORKERS = [None] + ([8] if ON_CUDA and NCORES > 9 else [])
 
 

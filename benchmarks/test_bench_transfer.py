@@ -13,7 +13,7 @@ import torch
 from _bench import BATCH, DEVICE, ON_CUDA, make_step, optimizer_steps
 
 pytestmark = pytest.mark.skipif(not ON_CUDA, reason="host-to-device transfers need a CUDA device "
-                                                    "(torch.cuda.is_available() is False on this machine)")
+                                                    "(torch.cuda.is_available() is False)")
 
 GROUP = "host-to-device"
 RAW_BYTES = 256 * 2 ** 20
