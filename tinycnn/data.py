@@ -420,10 +420,10 @@ class ShardLoader:
             pin = torch.cuda.is_available() if self.pin_memory is None else self.pin_memory
             # persistent workers: no process start-up per epoch; each epoch restarts their streams
             # (DataLoader discards batches prefetched for an epoch that stopped early)
+            start = _WorkerStart(self._parent_to_watch()) if self.num_workers else None
             self._loader = DataLoader(self.stream, batch_size=None, num_workers=self.num_workers,
                                       pin_memory=pin, persistent_workers=self.num_workers > 0,
-                                      prefetch_factor=4 if self.num_workers else None,
-                                      worker_init_fn=_WorkerStart(self._parent_to_watch()))
+                                      prefetch_factor=4 if self.num_workers else None, worker_init_fn=start)
             if self.num_workers:
                 _LOADERS_WITH_WORKERS.add(self)
         it = self._raise_relayed(self._loader) if self.num_workers else iter(self._loader)
@@ -443,7 +443,8 @@ class ShardLoader:
     def _parent_to_watch() -> Optional[int]:
         """This process's pid when its workers die with it: they are its own children (started by fork or spawn,
         not a forkserver) from its main thread (the death signal follows the thread that starts a process)."""
-        method = multiprocessing.get_start_method(allow_none=True) or multiprocessing.get_start_method()
+        # allow_none: asking must not fix the start method for the program (the first listed is the default)
+        method = multiprocessing.get_start_method(allow_none=True) or multiprocessing.get_all_start_methods()[0]
         if method not in ("fork", "spawn") or threading.current_thread() is not threading.main_thread():
             return None
         return os.getpid()
@@ -513,7 +514,7 @@ def build_loader(
     shards = [(locate(root, s["file"]), s["num_samples"]) for s in info["shards"]]
     limits = {path: shard_limits(s) for (path, _), s in zip(shards, info["shards"])}
     cache = None
-    if cache_dir is not None and is_url(root):  # the manifest is read again each time: never cached
+    if cache_dir and is_url(root):  # the manifest is read again each time: never cached
         cache = ShardCache(cache_dir, root, {path: s for (path, _), s in zip(shards, info["shards"])},
                            max_bytes=cache_max_bytes)
         cache.check()

@@ -111,7 +111,8 @@ def check_manifest(manifest: Any, where: str = "manifest.json") -> Dict:
     A mapping with num_classes (1..MAX_CLASSES), optional classes (num_classes {wnid, name} mappings), optional
     input_shape ([3, H, W], sides up to MAX_IMAGE_SIDE) and splits: split name -> {num_samples, shards: [{file,
     num_samples, optional bytes (the file's size), tar_bytes (its tar's size, for gzip shards) and sha256 (of the
-    file, 64 lowercase hex digits)}], optional class_counts}. Names are plain names (check_file_name), counts whole numbers >= 0.
+    file, 64 lowercase hex digits)}], optional class_counts}. Names are plain names (check_file_name), counts whole
+    numbers >= 0.
     """
     def bad(field: str, problem: str):
         raise ValueError(f"{where} is not a valid tinycnn manifest: {field} {problem}; "
