@@ -1,10 +1,12 @@
 """What every recipe script (recipes/*.py) does before and around its work.
 
 The order matters: a run checks everything it can before it writes anything.
-  1. `relaunch_multi_cpu` / `die_with_launcher`: the process layout (and no trainer outlives its launcher);
+  1. `relaunch_multi_cpu` / `die_with_launcher`: the process layout, on one machine or several (and no trainer
+     outlives its launcher);
   2. `config_from_args`: the typed config, checked key by key (with `--resume`, the run's saved config);
   3. `ensure_data`: the shards exist and match `data.source` (the default folder alone may be downloaded);
-  4. `claim_output`: a fresh or resumed output folder, locked for the life of the run;
+  4. `claim_output`: a fresh or resumed output folder, locked for the life of the run (claimed by the global main
+     process; a job that torchrun restarts resumes its own folder);
 then the recipe's work, and `run_main` turns known errors into one line and exit code 2.
 """
 import argparse
@@ -12,6 +14,7 @@ import ctypes
 import errno
 import os
 import signal
+import socket
 import sys
 from pathlib import Path
 from typing import List, Optional, Tuple
@@ -120,7 +123,8 @@ def _one_line(text: str, limit: int = 300) -> str:
 
 def ensure_data(cfg: Config, accelerator=None) -> str:
     """cfg.data.root, checked (and prepared when it is missing: from data.source, or downloaded for the default
-    folder only). Under several processes the main process does it first; the others then only check."""
+    folder only). Under several processes the global main process does it first, then the first process of each
+    node (whose data folder may be on another disk); the others then only check."""
     from .prepare import ensure_prepared
     from .storage import is_url, read_manifest
 
@@ -135,30 +139,153 @@ def ensure_data(cfg: Config, accelerator=None) -> str:
 
     if accelerator is None:
         check()
-    else:
-        with accelerator.main_process_first():
+    else:  # the global main process prepares; then one process per node (its own disk); then the rest only check
+        with accelerator.main_process_first(), accelerator.local_main_process_first():
             check()
     return d.root
 
 
 def claim_output(folder: str, args: argparse.Namespace, *, what: str = "run", is_main: bool = True,
                  say=print) -> Tuple[Path, object]:
-    """The output folder of this run, locked (tinycnn.runs.claim_folder); under several processes the main
-    process claims it and the others learn which one (a fresh name may have been chosen)."""
+    """The output folder of this run, locked (tinycnn.runs.claim_folder); under several processes the global main
+    process (RANK 0, whatever node it is on) claims it and the others learn which one (a fresh name may have been
+    chosen).
+
+    Under torchrun's restarts (`--max-restarts`), a restarted job continues its own folder: when
+    TORCHELASTIC_RESTART_COUNT > 0 and the folder (or one of its numbered siblings) was claimed by this same job
+    (`_job_identity`, recorded in the folder's marker), a recipe that can resume (`args.resume` exists) resumes it
+    (args.resume becomes True on every rank) instead of taking the next free name. A folder of any other job is
+    never resumed that way.
+    """
     from .runs import claim_folder
 
     lock = None
-    chosen = [None]
+    chosen = [None, bool(getattr(args, "resume", False))]
     _OUTPUT[0] = folder
     if is_main:
-        path, lock = claim_folder(folder, resume=getattr(args, "resume", False), overwrite=args.overwrite,
-                                  what=what, say=say)
-        chosen = [str(path)]
+        resume, overwrite = chosen[1], args.overwrite
+        restarted = _restarted_folder(Path(folder)) if hasattr(args, "resume") else None
+        if restarted is not None:
+            folder, resume, overwrite = str(restarted), _has_saved_state(restarted), not _has_saved_state(restarted)
+            say(f"torchrun restart {os.environ.get('TORCHELASTIC_RESTART_COUNT')} of this job: "
+                + (f"resuming {folder} from its saved state" if resume else
+                   f"starting {folder} again (no state was saved before the restart)"))
+        path, lock = claim_folder(folder, resume=resume, overwrite=overwrite, what=what, say=say)
+        try:
+            _record_job(path)
+        except BaseException:
+            lock.release()
+            raise
+        chosen = [str(path), resume]
         _OUTPUT[0] = str(path)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         from accelerate.utils import broadcast_object_list
         broadcast_object_list(chosen, from_process=0)
+    if hasattr(args, "resume"):
+        args.resume = bool(chosen[1])
     return Path(chosen[0]), lock
+
+
+# ----------------------------------------------------------------------------- torchrun restarts
+
+_DEFAULT_RUN_ID = "none"  # torchrun's --rdzv-id when none is given: shared by every such job
+
+
+def _job_identity() -> Optional[dict]:
+    """Who this elastic job is, the same for every restart of it: torchrun's run id (a fresh uuid under
+    --standalone), and the agent that restarts the workers (host, pid and start time of this process's parent).
+    None outside torchrun."""
+    run_id = os.environ.get("TORCHELASTIC_RUN_ID")
+    if run_id is None:
+        return None
+    agent = os.getppid()
+    return {"run_id": run_id, "host": socket.gethostname(), "agent_pid": agent, "agent_started": _start_time(agent)}
+
+
+def _start_time(pid: int) -> Optional[int]:
+    """The start time of process `pid` in clock ticks since boot (Linux): a pid with its start time names one
+    process, even after the pid is reused."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read(4096).rsplit(b")", 1)[1].split()
+        return int(fields[19])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def _same_job(recorded, current: dict) -> bool:
+    """True when `recorded` (a folder's job record) names the job `current` describes. On the same host the agent
+    must be the same process (so a later job that reuses a run id, or torchrun's default id, never matches); on
+    another host (rank 0 moved under a dynamic rendezvous) only an explicit run id can tell."""
+    if not isinstance(recorded, dict) or recorded.get("run_id") != current["run_id"]:
+        return False
+    if recorded.get("host") == current["host"]:
+        agent = (current["agent_pid"], current["agent_started"])
+        recorded_agent = (recorded.get("agent_pid"), recorded.get("agent_started"))
+        return current["agent_started"] is not None and recorded_agent == agent
+    return current["run_id"] != _DEFAULT_RUN_ID
+
+
+def _restarted_folder(folder: Path) -> Optional[Path]:
+    """On a torchrun restart: the folder this job claimed before (`folder` or its next free name NAME-2, ...,
+    as the first attempt may have taken); None on a first attempt, outside torchrun, or when no folder is this
+    job's."""
+    from .runs import holds_results
+
+    current = _job_identity()
+    if current is None or int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0) <= 0:
+        return None
+    candidate, n = folder, 2
+    while holds_results(candidate):
+        if _same_job(_read_marker(candidate).get("job"), current):
+            return candidate
+        candidate = folder.with_name(f"{folder.name}-{n}")
+        n += 1
+    return None
+
+
+def _has_saved_state(folder: Path) -> bool:
+    from .state import has_saved_state
+
+    return has_saved_state(folder / "state")
+
+
+def _read_marker(folder: Path) -> dict:
+    """The folder's marker (.tinycnn-run) as a dict; {} when it is missing or not ours to read."""
+    import json
+
+    from .runs import MARKER_NAME, RunFolderError, _open_regular, _read_head
+
+    try:
+        fd = _open_regular(folder / MARKER_NAME, os.O_RDONLY)
+    except (OSError, RunFolderError):
+        return {}
+    try:
+        info = json.loads(_read_head(fd))
+    except ValueError:
+        return {}
+    finally:
+        os.close(fd)
+    return info if isinstance(info, dict) else {}
+
+
+def _record_job(folder: Path):
+    """Record this elastic job in the claimed folder's marker, so that a restart of the same job finds it (outside
+    torchrun, an earlier record is left: no restart of this run can match it)."""
+    import json
+
+    from .runs import MARKER_NAME, _open_regular
+
+    job = _job_identity()
+    marker = _read_marker(folder)
+    if job is None or "kind" not in marker:
+        return
+    fd = _open_regular(folder / MARKER_NAME, os.O_WRONLY)
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, json.dumps({"kind": marker["kind"], "job": job}).encode())
+    finally:
+        os.close(fd)
 
 
 def release_output(folder: Path, lock):
@@ -253,37 +380,102 @@ def die_with_launcher():
         os.kill(os.getpid(), signal.SIGTERM)
 
 
-def _accelerate_cpu_processes() -> int:
-    """N when this process was started by `accelerate launch --cpu --num_processes N` (N > 1), else 1."""
+def _accelerate_launcher_args() -> Optional[List[str]]:
+    """The command line of the `accelerate launch --cpu` that started this process; None for any other start
+    (already under torchrun, another launcher, no launcher)."""
     if os.environ.get("ACCELERATE_USE_CPU", "").lower() != "true" or "WORLD_SIZE" in os.environ:
-        return 1
+        return None
     try:
         with open(f"/proc/{os.getppid()}/cmdline", "rb") as f:
             parent = [a.decode(errors="replace") for a in f.read().split(b"\0") if a]
     except OSError:
-        return 1
+        return None
     if not any("accelerate" in a for a in parent[:4]):
-        return 1
-    for i, a in enumerate(parent):
-        if a in ("--num_processes", "--num-processes") and i + 1 < len(parent):
-            return int(parent[i + 1])
-        if a.startswith(("--num_processes=", "--num-processes=")):
-            return int(a.split("=", 1)[1])
-    return 1
+        return None
+    return parent
+
+
+def _launcher_option(args: List[str], name: str) -> Optional[str]:
+    """The value of `--name` (or `--name-with-dashes`) in a launcher's command line, as `--name V` or `--name=V`."""
+    spellings = {f"--{name}", f"--{name.replace('_', '-')}"}
+    for i, a in enumerate(args):
+        if a in spellings and i + 1 < len(args):
+            return args[i + 1]
+        key, equals, value = a.partition("=")
+        if key in spellings and equals:
+            return value
+    return None
+
+
+def _launcher_int(args: List[str], name: str, default: int) -> int:
+    value = _launcher_option(args, name)
+    if value is None:
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise ConfigError(f"accelerate launch --{name} {value}: not a whole number") from None
+
+
+def _accelerate_cpu_processes() -> int:
+    """N when this process was started by `accelerate launch --cpu --num_processes N` (N > 1), else 1."""
+    args = _accelerate_launcher_args()
+    return 1 if args is None else _launcher_int(args, "num_processes", 1)
+
+
+def _accelerate_cpu_layout() -> Optional[dict]:
+    """The process layout an `accelerate launch --cpu` asked for: num_processes (all nodes together, as accelerate
+    counts them), num_machines, machine_rank, main_process_ip and main_process_port (accelerate passes the last
+    two on as MASTER_ADDR and MASTER_PORT); None when this process was not started that way."""
+    args = _accelerate_launcher_args()
+    if args is None:
+        return None
+    machines = _launcher_int(args, "num_machines", 1)
+    layout = {"num_processes": _launcher_int(args, "num_processes", 1), "num_machines": machines,
+              "machine_rank": _launcher_int(args, "machine_rank", 0),
+              "main_process_ip": os.environ.get("MASTER_ADDR") or _launcher_option(args, "main_process_ip"),
+              "main_process_port": os.environ.get("MASTER_PORT") or _launcher_option(args, "main_process_port")}
+    if machines > 1:
+        if layout["num_processes"] % machines or layout["num_processes"] < machines:
+            raise ConfigError(f"accelerate launch --num_processes {layout['num_processes']} counts the processes of "
+                              f"all {machines} machines: give a multiple of --num_machines {machines}")
+        if not 0 <= layout["machine_rank"] < machines:
+            raise ConfigError(f"accelerate launch --machine_rank {layout['machine_rank']}: give 0 to {machines - 1} "
+                              f"(--num_machines {machines})")
+        if not layout["main_process_ip"] or not layout["main_process_port"]:
+            raise ConfigError("accelerate launch --num_machines > 1 needs --main_process_ip and --main_process_port "
+                              "(the machine of --machine_rank 0)")
+    return layout
+
+
+def _torchrun_options(layout: dict) -> List[str]:
+    """The torchrun options for an accelerate CPU layout: one machine alone (--standalone), or this machine's
+    part of several (--nnodes, --node_rank, --master_addr, --master_port; static rendezvous on the main machine)."""
+    machines = layout["num_machines"]
+    if machines <= 1:
+        return ["--standalone", "--nproc_per_node", str(layout["num_processes"])]
+    return ["--nnodes", str(machines), "--node_rank", str(layout["machine_rank"]),
+            "--master_addr", str(layout["main_process_ip"]), "--master_port", str(layout["main_process_port"]),
+            "--nproc_per_node", str(layout["num_processes"] // machines)]
 
 
 def relaunch_multi_cpu():
-    """Make `accelerate launch --num_processes N --cpu script.py` run N processes.
+    """Make `accelerate launch --cpu --num_processes N [--num_machines M --machine_rank R --main_process_ip IP
+    --main_process_port P] script.py` run N processes (N/M on each of M machines).
 
-    accelerate's launcher runs a --cpu job as ONE process whatever --num_processes says (its multi-CPU
-    path needs mpirun). Here the script re-executes itself under torchrun with N processes on one
-    machine; accelerate then sees MULTI_CPU and uses gloo. Other launches are left alone.
+    accelerate's launcher runs a --cpu job as ONE process whatever --num_processes and --num_machines say (its
+    multi-CPU path needs mpirun). Here the script re-executes itself under torchrun: N processes on one machine
+    (--standalone), or this machine's N/M of a job that spans M machines (torchrun --nnodes M --node_rank R
+    --master_addr IP --master_port P, the same command on every machine); accelerate then sees MULTI_CPU and uses
+    gloo. Other launches are left alone.
     """
     die_with_launcher()
-    n = _accelerate_cpu_processes()
-    if n <= 1:
+    layout = _accelerate_cpu_layout()
+    if layout is None or (layout["num_processes"] <= 1 and layout["num_machines"] <= 1):
         return
-    print(f"accelerate launch --cpu starts one process; starting {n} CPU processes (gloo) with torchrun",
-          file=sys.stderr)
-    os.execv(sys.executable, [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                              "--nproc_per_node", str(n), *sys.argv])
+    options = _torchrun_options(layout)
+    where = (f"machine {layout['machine_rank']} of {layout['num_machines']}, "
+             f"{layout['num_processes'] // layout['num_machines']} processes here" if layout["num_machines"] > 1
+             else f"{layout['num_processes']} CPU processes")
+    print(f"accelerate launch --cpu starts one process; starting {where} (gloo) with torchrun", file=sys.stderr)
+    os.execv(sys.executable, [sys.executable, "-m", "torch.distributed.run", *options, *sys.argv])
