@@ -3,9 +3,11 @@
 
     python recipes/evaluate.py --checkpoint checkpoints/recommended/best.safetensors --data shards/tiny-imagenet --split test
     accelerate launch --num_processes 2 --cpu recipes/evaluate.py --checkpoint ... --split val --json val.json
+    python recipes/evaluate.py --checkpoint ... --tta flip      # mean logits of each image and its mirror image
 
 Each process reads its own part of the split and the sums are all-reduced: every sample is counted
-exactly once, so 1 and N processes give the same numbers.
+exactly once, so 1 and N processes give the same numbers. The results (and --json) say whether test-time
+augmentation was used ("tta": "flip" or null).
 """
 import argparse
 import json
@@ -34,6 +36,8 @@ def main() -> int:
                                        "unless --overwrite)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
     parser.add_argument("--top", type=int, default=5, help="show the N most and least accurate classes")
+    parser.add_argument("--tta", choices=["flip"], default=None,
+                        help="test-time augmentation: flip scores the mean logits of each image and its mirror image")
     args = parser.parse_args()
     relaunch_multi_cpu()
 
@@ -51,12 +55,19 @@ def main() -> int:
                       check_model=False)
     accelerator = make_accelerator(cfg, log=False)
     results = evaluate_checkpoint(args.checkpoint, args.data, args.split, accelerator=accelerator,
-                                  batch_size=args.batch_size, num_workers=args.num_workers)
+                                  batch_size=args.batch_size, num_workers=args.num_workers, tta=args.tta)
     if accelerator.is_main_process:
+        from tinycnn.weights import read_metadata
+
         console = Console()
-        console.print(f"{args.checkpoint} on {args.data} [{args.split}], {results['num_samples']} images: "
+        tta = f" (tta {args.tta})" if args.tta else ""
+        console.print(f"{args.checkpoint} on {args.data} [{args.split}], {results['num_samples']} images{tta}: "
                       f"top-1 {results['accuracy']:.2%}  top-5 {results['top5']:.2%}  loss {results['loss']:.4f}",
-                      highlight=False, markup=False)
+                      highlight=False, markup=False, soft_wrap=True)
+        trained_with = read_metadata(args.checkpoint).get("extra", {}).get("tta")
+        if trained_with == "flip" and args.tta != "flip":  # the run's own val accuracy used it
+            console.print(f"note: the val accuracy in this checkpoint's metadata was measured with --tta "
+                          f"{trained_with}", highlight=False, markup=False, soft_wrap=True)
         ranked = sorted(results["per_class"], key=lambda c: -1 if c["accuracy"] is None else c["accuracy"])
         table = Table(title="per-class accuracy (least and most accurate)")
         for col in ("class", "wnid", "name", "accuracy", "images"):

@@ -5,7 +5,9 @@ The dataclasses below are the schema and their defaults are the recommended reci
 fails at once with the key, the expected type and the value given, before anything is written. An unknown key is
 an error that names the closest valid one. The course project's own config layout (stage_repeats, stage_channels,
 train.{seed, device, batch_size, epochs, max_steps, overfit_small, val_subset_size, optimizer.{name, lr,
-weight_decay, momentum}}) is a subset and loads unchanged.
+weight_decay, momentum}}) is a subset and loads unchanged. The training-recipe options (augment.policy and
+augment.erase_*, the mixup: section, train.ema, train.tta) are all off by default; recipes/configs/timm-like.yaml
+turns them on together.
 
 A config file (and a saved run's config.yaml, read again on --resume) may come from anyone: `read_yaml` reads at
 most MAX_CONFIG_BYTES of UTF-8 text without YAML anchors and aliases or deep nesting, every number must be finite
@@ -23,8 +25,8 @@ from typing import Any, Dict, Iterable, List, Literal, Optional, Union
 
 import yaml
 
-__all__ = ["Config", "DataConfig", "AugmentConfig", "TrainConfig", "OptimizerConfig", "SchedulerConfig",
-           "LRFinderConfig", "GridConfig", "ConfigError", "load_config", "parse_value", "flatten",
+__all__ = ["Config", "DataConfig", "AugmentConfig", "MixupConfig", "TrainConfig", "OptimizerConfig",
+           "SchedulerConfig", "LRFinderConfig", "GridConfig", "ConfigError", "load_config", "parse_value", "flatten",
            "model_kwargs", "is_tinycnn_model", "from_dict", "check_model_name", "read_yaml", "safe_yaml_load",
            "check_run_name", "MAX_CONFIG_BYTES"]
 
@@ -64,12 +66,33 @@ class DataConfig:
 @dataclass
 class AugmentConfig:                            # tinycnn.augment.GPUAugment, on the device, per sample
     enabled: bool = True
-    crop_padding: Optional[int] = field(default=4, metadata=_range(ge=0, cap=64))
+    crop_padding: Optional[int] = field(default=4, metadata=_range(ge=0, le=32))
     flip_p: float = field(default=0.5, metadata=_range(ge=0, le=1))
     brightness: float = field(default=0.2, metadata=_range(ge=0, cap=10))
     contrast: float = field(default=0.2, metadata=_range(ge=0, cap=10))
     saturation: float = field(default=0.2, metadata=_range(ge=0, cap=10))
     hue: float = field(default=0.05, metadata=_range(ge=0, le=0.5))
+    # after crop and flip, before the colour jitter (timm switches the jitter off with a policy: set it to 0)
+    policy: Optional[Literal["trivialaugment", "randaugment"]] = None  # TrivialAugmentWide or RandAugment
+    ra_num_ops: int = field(default=2, metadata=_range(ge=0, le=16))         # randaugment: ops per image
+    ra_magnitude: int = field(default=9, metadata=_range(ge=0, le=1023))     # randaugment: a bin below policy_bins
+    policy_bins: int = field(default=31, metadata=_range(ge=2, le=1024))
+    policy_fill: Optional[List[float]] = field(default=None, metadata=_range(ge=0, le=255))  # 1 or 3 values; null: 0
+    # timm RandomErasing, on the normalized image
+    erase_p: float = field(default=0.0, metadata=_range(ge=0, le=1))         # per image; 0: off
+    erase_mode: Literal["pixel", "rand", "const"] = "pixel"
+    erase_count: int = field(default=1, metadata=_range(ge=1, le=16))        # boxes: 1..erase_count per image
+    erase_area: List[float] = field(default_factory=lambda: [0.02, 1 / 3], metadata=_range(gt=0, le=1))
+    erase_aspect: List[float] = field(default_factory=lambda: [0.3, 1 / 0.3], metadata=_range(gt=0, cap=1000))
+
+
+@dataclass
+class MixupConfig:                              # tinycnn.augment.MixupCutmix (timm's Mixup), after the augmentation
+    mixup_alpha: float = field(default=0.0, metadata=_range(ge=0, cap=1000))   # 0 with cutmix_alpha 0: off
+    cutmix_alpha: float = field(default=0.0, metadata=_range(ge=0, cap=1000))
+    prob: float = field(default=1.0, metadata=_range(ge=0, le=1))              # of mixing an image (or batch)
+    switch_prob: float = field(default=0.5, metadata=_range(ge=0, le=1))       # of cutmix over mixup, both on
+    mode: Literal["elem", "pair", "batch"] = "elem"                            # a lambda per image, pair, batch
 
 
 @dataclass
@@ -112,6 +135,11 @@ class TrainConfig:
     eval_every: int = field(default=1, metadata=_range(ge=1, cap=10**9))    # epochs between evaluations
     save_every: int = field(default=1, metadata=_range(ge=1, cap=10**9))    # epochs between last.safetensors + state/
     progress_seconds: float = field(default=30.0, metadata=_range(gt=0, cap=1_000_000))  # plain lines off a TTY
+    # an exponential moving average of the weights (timm's ModelEmaV3), evaluated beside them; the better is best
+    ema: bool = False
+    ema_decay: float = field(default=0.999, metadata=_range(ge=0, lt=1))
+    ema_warmup: bool = False                    # timm's use_warmup: decay 1 - (1 + step) ** -2/3, up to ema_decay
+    tta: Optional[Literal["flip"]] = None      # the evaluations' test-time augmentation: mean logits with the mirror
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
 
@@ -145,6 +173,7 @@ class Config:
     run_name: Optional[str] = None             # a plain name (a folder's); default: the config file's name
     data: DataConfig = field(default_factory=DataConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+    mixup: MixupConfig = field(default_factory=MixupConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     lr_finder: LRFinderConfig = field(default_factory=LRFinderConfig)
     grid: GridConfig = field(default_factory=GridConfig)
@@ -344,6 +373,18 @@ def _check(cfg: Config):
                           f"grid.stage_repeats; at most {MAX_GRID_RUNS:,} in one grid search")
     if t.device not in ("auto", "cpu", "cuda", "mps") and not re.fullmatch(r"cuda:\d+", t.device):
         raise ConfigError(f"train.device must be one of auto, cpu, cuda, cuda:N, mps, got {t.device!r}")
+    a = cfg.augment
+    if a.ra_magnitude >= a.policy_bins:
+        raise ConfigError(f"augment.ra_magnitude must be a bin below augment.policy_bins={a.policy_bins}, "
+                          f"got {a.ra_magnitude}")
+    if a.policy_fill is not None and len(a.policy_fill) not in (1, 3):
+        raise ConfigError(f"augment.policy_fill must be one value or three (RGB) in 0..255, or null, "
+                          f"got {_shown(a.policy_fill)}")
+    for key, top in (("erase_area", " <= 1"), ("erase_aspect", "")):
+        pair = getattr(a, key)
+        if len(pair) != 2 or pair[0] > pair[1]:
+            raise ConfigError(f"augment.{key} must be two numbers [min, max] with 0 < min <= max{top}, "
+                              f"got {_shown(pair)}")
     if len(t.optimizer.betas) != 2 or not all(0 <= b < 1 for b in t.optimizer.betas):
         raise ConfigError(f"train.optimizer.betas must be two numbers in [0, 1), got {t.optimizer.betas!r}")
     if cfg.lr_finder.min_lr >= cfg.lr_finder.max_lr:

@@ -1,5 +1,9 @@
 """Evaluation: a model on an exactly-once loader (`evaluate`, used after each training epoch), and a saved
-checkpoint on a split of prepared shards (`evaluate_checkpoint`, used by recipes/evaluate.py and the report)."""
+checkpoint on a split of prepared shards (`evaluate_checkpoint`, used by recipes/evaluate.py and the report).
+
+`tta="flip"` scores the mean of the logits of each image and its mirror image (tinycnn.augment.tta_flip_logits);
+the results then say so (`"tta": "flip"`; null without).
+"""
 import math
 from pathlib import Path
 from typing import Any, Dict, Optional, Union
@@ -9,22 +13,33 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from timm.utils import unwrap_model
 
-from .augment import EvalTransform, eval_transform
+from .augment import EvalTransform, eval_transform, tta_flip_logits
 from .data import build_loader
 from .storage import read_manifest
 from .transfer import DevicePrefetcher
 from .weights import WeightsError, load_model, read_metadata
 
-__all__ = ["evaluate", "evaluate_checkpoint"]
+__all__ = ["evaluate", "evaluate_checkpoint", "TTA_MODES"]
+
+TTA_MODES = ("flip",)  # test-time augmentations `evaluate(tta=...)` runs (None: none)
+
+
+def _check_tta(tta: Optional[str]) -> Optional[str]:
+    if tta is not None and tta not in TTA_MODES:
+        raise ValueError(f"tta must be one of {', '.join(TTA_MODES)} or None, got {tta!r}")
+    return tta
 
 
 @torch.no_grad()
-def evaluate(model, loader, accelerator: Accelerator, num_classes: int, transform=eval_transform) -> Dict[str, Any]:
+def evaluate(model, loader, accelerator: Accelerator, num_classes: int, transform=eval_transform,
+             tta: Optional[str] = None) -> Dict[str, Any]:
     """Top-1, top-5, mean loss and per-class accuracy over every sample of `loader`, summed over all processes.
 
     `loader` must be exactly-once (build_loader(train=False)): each rank reads its own part, the sums are
     all-reduced, so N processes give the numbers of one (no padding duplicates as with gather_for_metrics).
+    tta: None, or "flip" (the mean logits of each image and its mirror image).
     """
+    tta = _check_tta(tta)
     model = unwrap_model(model)
     was_training = model.training
     model.eval()
@@ -36,7 +51,8 @@ def evaluate(model, loader, accelerator: Accelerator, num_classes: int, transfor
     count = torch.zeros(num_classes, dtype=acc_dtype, device=device)
     for images, labels in DevicePrefetcher(loader, device):
         with accelerator.autocast():
-            logits = model(transform(images))
+            x = transform(images)
+            logits = tta_flip_logits(model, x) if tta == "flip" else model(x)
         logits = logits.float()
         loss_sum += F.cross_entropy(logits, labels, reduction="sum").to(acc_dtype)
         k = min(5, num_classes)
@@ -56,14 +72,17 @@ def evaluate(model, loader, accelerator: Accelerator, num_classes: int, transfor
         "loss": loss_sum.item() / max(n, 1),
         "num_samples": int(n),
         "per_class_accuracy": [None if math.isnan(v) else v for v in per_class.tolist()],
+        "tta": tta,
     }
 
 
 
 def evaluate_checkpoint(checkpoint: Union[str, Path], data: Union[str, Path], split: str, *,
                         accelerator: Optional[Accelerator] = None, batch_size: int = 256,
-                        num_workers: Optional[int] = None) -> Dict[str, Any]:
-    """Top-1/top-5/loss/per-class accuracy of `checkpoint` on `split`, the same with 1 or N processes."""
+                        num_workers: Optional[int] = None, tta: Optional[str] = None) -> Dict[str, Any]:
+    """Top-1/top-5/loss/per-class accuracy of `checkpoint` on `split`, the same with 1 or N processes;
+    tta="flip": of the mean logits of each image and its mirror image."""
+    tta = _check_tta(tta)
     accelerator = accelerator or Accelerator()
     manifest = read_manifest(data)
     meta = read_metadata(checkpoint)
@@ -77,7 +96,7 @@ def evaluate_checkpoint(checkpoint: Union[str, Path], data: Union[str, Path], sp
     loader = build_loader(data, split, batch_size=batch_size, train=False, num_workers=num_workers,
                           rank=accelerator.process_index, world_size=accelerator.num_processes)
     transform = EvalTransform(mean=meta["mean"], std=meta["std"]).to(accelerator.device)
-    results = evaluate(model, loader, accelerator, len(wnids), transform=transform)
+    results = evaluate(model, loader, accelerator, len(wnids), transform=transform, tta=tta)
     counts = manifest["splits"][split]["class_counts"]
     results["per_class"] = [
         {"index": i, "wnid": c["wnid"], "name": c.get("name", c["wnid"]), "accuracy": acc, "num_samples": counts[i]}

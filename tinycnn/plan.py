@@ -1,7 +1,7 @@
 """What a run does given its config, decided once: training, the LR finder, the checks and the grid all ask here.
 
 `RunPlan.from_config(cfg)` settles the policy questions (the "overfit a small subset" check trains on a fixed
-subset with no regularization: no augmentation, no weight decay, no label smoothing); the builders make the
+subset with no regularization: no augmentation or mixing, no weight decay, no label smoothing); the builders make the
 model, the optimizer (timm's `create_optimizer_v2`: no weight decay on norms and biases) and the lr schedule
 from a config the same way for every caller.
 """
@@ -14,10 +14,11 @@ import timm
 import torch
 from timm.optim import create_optimizer_v2
 
-from .augment import GPUAugment
+from .augment import GPUAugment, MixupCutmix
 from .config import Config, OptimizerConfig, SchedulerConfig, model_kwargs
 
-__all__ = ["RunPlan", "build_model", "build_augment", "model_description", "build_optimizer", "build_lr_lambda", "optimizer_implementation"]
+__all__ = ["RunPlan", "build_model", "build_augment", "build_mixup", "model_description", "build_optimizer",
+           "build_lr_lambda", "optimizer_implementation"]
 
 
 @dataclass(frozen=True)
@@ -53,6 +54,16 @@ def model_description(cfg: Config, model: torch.nn.Module) -> Dict[str, Any]:
 def build_augment(cfg: Config, plan: RunPlan, model: torch.nn.Module, **kwargs) -> GPUAugment:
     """The run's GPUAugment, normalizing with the model's own mean/std (its pretrained_cfg)."""
     return GPUAugment.for_model(model, {**dataclasses.asdict(cfg.augment), "enabled": plan.augment}, **kwargs)
+
+
+def build_mixup(cfg: Config, plan: RunPlan, num_classes: int) -> Optional[MixupCutmix]:
+    """The run's Mixup / CutMix (its soft targets carry the plan's label smoothing), or None: mixing is off
+    unless an alpha is > 0, and off whenever the augmentation is (the overfit_small check included)."""
+    m = cfg.mixup
+    if not plan.augment or cfg.train.overfit_small or not (m.mixup_alpha > 0 or m.cutmix_alpha > 0):
+        return None
+    return MixupCutmix(num_classes, mixup_alpha=m.mixup_alpha, cutmix_alpha=m.cutmix_alpha, prob=m.prob,
+                       switch_prob=m.switch_prob, mode=m.mode, label_smoothing=plan.label_smoothing)
 
 
 def build_optimizer(model: torch.nn.Module, opt: OptimizerConfig, plan: RunPlan, *,

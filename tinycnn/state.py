@@ -13,6 +13,8 @@ Layout of the folder (RUN/state)::
     progress.json        the commit: counters (epoch, step, best accuracy, reason) and the slot holding the state
     slot-0/ or slot-1/   one complete save (while a save runs: the committed one and the one being written)
         model.safetensors                         the unwrapped model's state_dict
+        ema.safetensors                           the weights' moving average (timm ModelEmaV3's module), when
+                                                  the run keeps one (train.ema)
         optimizer.safetensors + optimizer.json    tensors as `state.<param index>.<name>`; groups and numbers
         scheduler.json                            the scheduler's state_dict without its lr functions
         scaler.json                               the fp16 GradScaler (only when the run has one)
@@ -46,6 +48,7 @@ FORMAT, VERSION = "tinycnn-state", 1
 PROGRESS = "progress.json"
 SLOTS = ("slot-0", "slot-1")
 MODEL, OPTIMIZER_TENSORS, OPTIMIZER_JSON = "model.safetensors", "optimizer.safetensors", "optimizer.json"
+EMA = "ema.safetensors"
 SCHEDULER, SCALER = "scheduler.json", "scaler.json"
 MAX_JSON_BYTES = 16 << 20  # optimizer.json: every parameter group's settings (and names); the others: a few kB
 MAX_SMALL_JSON_BYTES = 1 << 20  # progress, scheduler, scaler, generators
@@ -70,10 +73,11 @@ def _damaged(folder: Path, detail: str) -> StateError:
 # ============================================================================= saving
 
 def save_state(folder: Union[str, Path], *, accelerator, model: torch.nn.Module, optimizer, scheduler,
-               progress: Dict[str, Any]) -> None:
+               progress: Dict[str, Any], ema: Optional[torch.nn.Module] = None) -> None:
     """Save a resumable state into `folder` (every process calls this; see the module docstring for the order).
 
     progress: the run's counters (epoch, step, best_accuracy, best_epoch, reason), JSON values.
+    ema: the run's timm ModelEmaV3 (its `module`'s state_dict is saved; it keeps no other state), or None.
     """
     folder = Path(folder)
     main, rank = accelerator.is_main_process, accelerator.process_index
@@ -92,6 +96,8 @@ def save_state(folder: Union[str, Path], *, accelerator, model: torch.nn.Module,
     _write_json(slot / f"rng-{rank}.json", meta)
     if main:
         _write_tensors(slot / MODEL, {k: _cpu_copy(v) for k, v in unwrap_model(model).state_dict().items()})
+        if ema is not None:
+            _write_tensors(slot / EMA, {k: _cpu_copy(v) for k, v in _ema_module(ema).state_dict().items()})
         tensors, meta = _split_optimizer_state(optimizer.state_dict())
         _write_tensors(slot / OPTIMIZER_TENSORS, tensors)
         _write_json(slot / OPTIMIZER_JSON, meta)
@@ -135,6 +141,11 @@ def _write_tensors(path: Path, tensors: Dict[str, torch.Tensor]):
 
 def _write_json(path: Path, value: Any):
     atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(value)))
+
+
+def _ema_module(ema: torch.nn.Module) -> torch.nn.Module:
+    """The averaged model of a timm ModelEma* (its `module`), or `ema` itself when it is the model."""
+    return getattr(ema, "module", ema)
 
 
 def _json_values(value: Any, where: str) -> Any:
@@ -208,12 +219,12 @@ def _accelerate_files(folder: Path) -> List[str]:
 
 
 def load_state(folder: Union[str, Path], *, accelerator, model: torch.nn.Module, optimizer,
-               scheduler) -> Dict[str, Any]:
-    """Load the state saved in `folder` into the live model, optimizer, scheduler, scaler and this process's
-    generators; returns the counters (epoch, step, best_accuracy, best_epoch, reason).
+               scheduler, ema: Optional[torch.nn.Module] = None) -> Dict[str, Any]:
+    """Load the state saved in `folder` into the live model, optimizer, scheduler, scaler, EMA (when given) and
+    this process's generators; returns the counters (epoch, step, best_accuracy, best_epoch, reason).
 
     Everything is read and checked first, then applied: a folder the checks refuse (StateError, one line) changes
-    nothing.
+    nothing. With `ema`, a state saved without one is refused (the run was trained without train.ema).
     """
     folder = Path(folder)
     progress = _read_progress(folder)
@@ -221,6 +232,12 @@ def load_state(folder: Union[str, Path], *, accelerator, model: torch.nn.Module,
     processes = progress.pop("processes")
     model = unwrap_model(model)
     weights = _read_model(folder, slot, model)
+    ema_weights = None
+    if ema is not None:
+        if not (slot / EMA).exists() and not (slot / EMA).is_symlink():
+            raise StateError(f"{folder} holds no moving average of the weights (the run was trained without "
+                             f"train.ema): resume it without train.ema=true, or start a new run")
+        ema_weights = _read_model(folder, slot, _ema_module(ema), EMA)
     optimizer_state = _read_optimizer(folder, slot, optimizer)
     scheduler_state = _read_scheduler(folder, slot, scheduler)
     # LambdaLR's lr functions are code: the live ones stay (None: nothing to update in them)
@@ -232,6 +249,8 @@ def load_state(folder: Union[str, Path], *, accelerator, model: torch.nn.Module,
     rng = _read_rng(folder, slot, rank, accelerator.device) if rank < processes else None
     try:
         model.load_state_dict(weights)
+        if ema_weights is not None:
+            _ema_module(ema).load_state_dict(ema_weights)
         optimizer.load_state_dict(optimizer_state)
         scheduler.load_state_dict({**scheduler_state, **lr_functions})
         if scaler is not None:
@@ -331,9 +350,10 @@ class _Tensors:
         return tensor
 
 
-def _read_model(folder: Path, slot: Path, model: torch.nn.Module) -> Dict[str, torch.Tensor]:
+def _read_model(folder: Path, slot: Path, model: torch.nn.Module, name: str = MODEL) -> Dict[str, torch.Tensor]:
+    """The weights saved as `name` in the slot: exactly the live model's keys, each of its shape and dtype."""
     live = model.state_dict()
-    file = _Tensors(folder, slot / MODEL)
+    file = _Tensors(folder, slot / name)
     if set(file.keys) != set(live):
         missing, unexpected = sorted(set(live) - set(file.keys)), sorted(set(file.keys) - set(live))
         raise _damaged(folder, f"{file.name} does not match the model (missing {missing[:3]}, "

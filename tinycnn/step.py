@@ -1,4 +1,4 @@
-"""The one train step: augment on the device -> autocast forward -> loss -> backward -> clip -> optimizer step.
+"""The one train step: augment on the device -> (mix) -> autocast forward -> loss -> backward -> clip -> optimizer step.
 
 Training, the LR finder, the checks and the benchmarks all run :class:`TrainStep`, so the benchmarks time
 what training runs.  Nothing in a step waits for the device: the loss and logits come back detached and
@@ -12,6 +12,10 @@ still on the device, and the caller decides when to read them (a ``.item()`` is 
 Under accelerate pass ``accelerator=`` (model and optimizer already prepared): the step then uses
 ``accelerator.accumulate`` / ``backward`` / ``clip_grad_norm_`` (gradient accumulation, fp16 loss scaling,
 DDP's no_sync).  Without one it is plain torch, with a GradScaler for fp16.
+
+With ``mixup=`` (a :class:`tinycnn.augment.MixupCutmix`) the augmented batch is mixed after the (compiled)
+augmentation, outside it, and the loss is the mixup's soft-target cross-entropy; the logits returned are still
+those of the mixed batch, and callers keep scoring them against the hard labels.
 """
 from __future__ import annotations
 
@@ -66,7 +70,9 @@ class TrainStep:
         optimizer: its optimizer (prepared by ``accelerator`` if given).
         augment: a :class:`tinycnn.augment.GPUAugment` applied to the uint8 batch on the device; None means
             the images are already the model's input (normalized float), as in the benchmarks' step alone.
-        label_smoothing: cross-entropy label smoothing.
+        label_smoothing: cross-entropy label smoothing (with ``mixup`` the smoothing of its soft targets is used).
+        mixup: a :class:`tinycnn.augment.MixupCutmix` run on the augmented batch (timm's Mixup / CutMix), whose
+            soft-target loss replaces the cross-entropy; None = no mixing.
         grad_clip: clip the gradients' global L2 norm to this (None or 0 = no clipping).
         mixed_precision: "no", "bf16" or "fp16" autocast; None = the accelerator's setting (else "no").
             The augmentation emits the autocast dtype directly (no separate cast before the first conv).
@@ -85,7 +91,7 @@ class TrainStep:
                  label_smoothing: float = 0.0, grad_clip: Optional[float] = None,
                  mixed_precision: Optional[str] = None, compile: bool = False,
                  compile_augment: Union[bool, str] = "auto", compile_options: Optional[Dict[str, Any]] = None,
-                 accelerator=None):
+                 accelerator=None, mixup=None):
         if accelerator is not None:
             if mixed_precision is not None and mixed_precision != accelerator.mixed_precision:
                 raise ValueError(f"mixed_precision={mixed_precision!r} but the accelerator was made with "
@@ -98,7 +104,7 @@ class TrainStep:
         self.mixed_precision = mixed_precision or "no"
         self.dtype = autocast_dtype(self.mixed_precision)
         self.model, self.optimizer, self.accelerator = model, optimizer, accelerator
-        self.augment = augment
+        self.augment, self.mixup = augment, mixup
         self.label_smoothing = float(label_smoothing)
         self.grad_clip = float(grad_clip) if grad_clip else None
         # accelerate scales fp16 losses itself; plain torch needs a GradScaler
@@ -120,14 +126,22 @@ class TrainStep:
         """The model's input for a batch: augmented (in the autocast dtype) when there is an augmentation."""
         if self.augment is None:
             return images
-        params = self.augment.sample(images.shape[0], device=images.device)
+        # image_size: random erasing's noise is drawn here, eagerly, so the (compiled) apply is a function of params
+        params = self.augment.sample(images.shape[0], device=images.device, image_size=images.shape[-2:])
         return self._apply(images, params, out_dtype=self.dtype)
 
     def _loss(self, x: torch.Tensor, labels: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        targets = None
+        if self.mixup is not None:  # outside the compiled augmentation: timm draws on the host
+            # it mixes in place: never the caller's own batch (no augmentation: the images are the input)
+            x, targets = self.mixup(x if self.augment is not None else x.clone(), labels)
         # torch.autocast, not accelerator.autocast(): one global autocast state for dynamo to guard on
         with torch.autocast(self.device.type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None):
             logits = self.forward(x)
-            loss = F.cross_entropy(logits, labels, label_smoothing=self.label_smoothing)
+            if targets is None:
+                loss = F.cross_entropy(logits, labels, label_smoothing=self.label_smoothing)
+            else:
+                loss = self.mixup.loss(logits.float(), targets)
         return loss, logits
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:

@@ -2,6 +2,14 @@
 
 shards -> loader (uint8, per rank) -> device prefetch -> TrainStep (GPUAugment, forward, loss, backward, optimizer)
 -> after each epoch: evaluation on val, best.safetensors, last.safetensors + resumable state, metrics.jsonl.
+Options of the config, all off by default: Mixup / CutMix after the augmentation (`mixup:`, soft targets); an
+exponential moving average of the weights (`train.ema`: timm's ModelEmaV3, updated after every optimizer step and
+evaluated beside the raw weights; best.safetensors keeps the better of the two, its metadata's extra.weights says
+which ("raw" or "ema"); last.safetensors holds the raw weights and last_ema.safetensors the average; state/ keeps
+the average for --resume); flip test-time augmentation at every evaluation (`train.tta: flip`, recorded as
+"tta" in metrics.jsonl and in the weights' extra).
+On the CPU, after its first CPU_ESTIMATE_STEPS optimizer steps, a run that will take longer than
+CPU_ESTIMATE_NOTICE_S says so once, and names the recipe made for the CPU.
 The resumable state (state/) is safetensors and JSON only, written and checked by tinycnn.state: a run folder
 from someone else never runs code on --resume.
 A run stops at the end of its steps, or early for one of two reasons decided in one place (`_stop_reason`):
@@ -21,14 +29,15 @@ import torch
 import yaml
 from accelerate import Accelerator
 from accelerate.utils import set_seed
-from timm.utils import unwrap_model
+from timm.utils import ModelEmaV3, unwrap_model
 
 from .config import Config, flatten
 from .data import build_loader
 from .device import make_accelerator, out_of_memory_message
 from .environment import environment_info
 from .evaluation import evaluate
-from .plan import RunPlan, build_augment, build_lr_lambda, build_model, build_optimizer, optimizer_implementation
+from .plan import (RunPlan, build_augment, build_lr_lambda, build_mixup, build_model, build_optimizer,
+                   optimizer_implementation)
 from .progress import RunProgress
 from .state import has_saved_state, load_state, save_state
 from .step import TrainStep
@@ -37,6 +46,9 @@ from .transfer import DevicePrefetcher, DeviceResidentLoader
 from .weights import atomic_write, save_model
 
 __all__ = ["train", "TrainingStopped"]
+
+CPU_ESTIMATE_STEPS = 20           # optimizer steps a CPU run times (after its first) before it estimates its length
+CPU_ESTIMATE_NOTICE_S = 15 * 60   # a CPU run estimated to take longer says so (once)
 
 
 class TrainingStopped(RuntimeError):
@@ -98,13 +110,18 @@ def train(cfg: Config, output: Path, *, resume: bool = False, accelerator: Optio
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, build_lr_lambda(t.scheduler, total_steps, steps_per_epoch))
     aug = build_augment(cfg, plan, unwrap_model(model), channels_last=channels_last).to(device)
     step = TrainStep(model, optimizer, augment=aug, label_smoothing=plan.label_smoothing, grad_clip=t.grad_clip,
-                     compile=t.compile, accelerator=accelerator)
+                     compile=t.compile, accelerator=accelerator, mixup=build_mixup(cfg, plan, num_classes))
+    raw_model = unwrap_model(model)
+    # made after prepare (DDP has given every rank rank 0's weights) and after TrainStep (which takes accelerate's
+    # autocast wrapper off the model's forward): a copy of the plain model, on its device, in eval mode
+    ema = ModelEmaV3(raw_model, decay=t.ema_decay, use_warmup=t.ema_warmup) if t.ema else None
 
     # --- state: resume continues the same schedule and step count
     state = {"epoch": 0, "step": 0, "best_accuracy": -1.0, "best_epoch": None}
     state_dir = output / "state"
     if resume and has_saved_state(state_dir):
-        state = load_state(state_dir, accelerator=accelerator, model=model, optimizer=optimizer, scheduler=scheduler)
+        state = load_state(state_dir, accelerator=accelerator, model=model, optimizer=optimizer, scheduler=scheduler,
+                           ema=ema)
         state.pop("reason", None)
         if accelerator.is_main_process:  # epochs logged after the saved state are trained again: log them once
             _keep_metrics_until(output / "metrics.jsonl", state["epoch"])
@@ -122,17 +139,22 @@ def train(cfg: Config, output: Path, *, resume: bool = False, accelerator: Optio
 
     def save_resumable(reason: str):
         save_state(state_dir, accelerator=accelerator, model=model, optimizer=optimizer, scheduler=scheduler,
-                   progress={**state, "reason": reason})
+                   progress={**state, "reason": reason}, ema=ema)
 
-    def save_weights(name: str, extra: Dict[str, Any]):
+    def save_weights(name: str, extra: Dict[str, Any], weights: torch.nn.Module = model):
         if accelerator.is_main_process:
-            save_model(model, output / name, classes=wnids, class_names=names, extra=extra)
+            save_model(weights, output / name, classes=wnids, class_names=names, extra=extra)
+
+    def evaluate_weights(weights: torch.nn.Module) -> Dict[str, Any]:
+        return evaluate(weights, val_loader, accelerator, num_classes, transform=aug.eval_transform, tta=t.tta)
 
     # a CPU step is synchronous anyway: agree on stopping every step there (SIGTERM is answered in one step);
     # on a GPU every log_every steps, where the loss is read anyway, so the hot loop never waits for the device
     agree_every = 1 if device.type == "cpu" and world > 1 else t.log_every
     history, stop_reason = [], None
     bar = RunProgress(total_steps, enabled=progress and accelerator.is_main_process, interval_s=t.progress_seconds)
+    estimate = _CpuRunEstimate(accelerator, raw_model, num_classes, total_steps=total_steps, start_step=state["step"],
+                               epochs=epochs - state["epoch"])
     try:
         with _StopSignals() as stop, bar:
             while state["step"] < total_steps and stop_reason is None:
@@ -159,6 +181,9 @@ def train(cfg: Config, output: Path, *, resume: bool = False, accelerator: Optio
                         continue
                     scheduler.step()
                     state["step"] += 1
+                    if ema is not None:  # the step count drives timm's warmup (and makes step 1 a plain copy)
+                        ema.update(raw_model, step=state["step"])
+                    estimate.after_step(state["step"])
                     info = None
                     if state["step"] % agree_every == 0 or state["step"] == total_steps or (world == 1 and stop.signal):
                         stop_reason = _stop_reason(accelerator, loss, stop, state["step"])
@@ -188,20 +213,37 @@ def train(cfg: Config, output: Path, *, resume: bool = False, accelerator: Optio
                 if world > 1:
                     # DDP syncs BatchNorm statistics from rank 0 only at the start of a forward: after the last
                     # step each rank holds its own. Evaluate (and save) rank 0's on every rank.
-                    for buf in unwrap_model(model).buffers():
+                    for buf in raw_model.buffers():
+                        torch.distributed.broadcast(buf.data, src=0)
+                    # the average's parameters follow identical weights on every rank, its BatchNorm statistics
+                    # each rank's own: rank 0's, as for the model
+                    for buf in ema.module.buffers() if ema is not None else ():
                         torch.distributed.broadcast(buf.data, src=0)
                 last_epoch = state["step"] >= total_steps
                 if (epoch + 1) % t.eval_every == 0 or last_epoch:
-                    val = evaluate(model, val_loader, accelerator, num_classes, transform=aug.eval_transform)
+                    val = evaluate_weights(model)
                     record.update({"val/loss": val["loss"], "val/accuracy": val["accuracy"], "val/top5": val["top5"]})
-                    if val["accuracy"] > state["best_accuracy"]:
-                        state["best_accuracy"], state["best_epoch"] = val["accuracy"], epoch + 1
+                    candidates = [("raw", model, val)]
+                    if ema is not None:
+                        val_ema = evaluate_weights(ema.module)
+                        record.update({"val_ema/loss": val_ema["loss"], "val_ema/accuracy": val_ema["accuracy"],
+                                       "val_ema/top5": val_ema["top5"]})
+                        candidates.append(("ema", ema.module, val_ema))
+                    if t.tta is not None:
+                        record["tta"] = t.tta
+                    kind, weights, best = max(candidates, key=lambda c: c[2]["accuracy"])  # a tie: the raw weights
+                    if best["accuracy"] > state["best_accuracy"]:
+                        state["best_accuracy"], state["best_epoch"] = best["accuracy"], epoch + 1
                         save_weights("best.safetensors", {"epoch": epoch + 1, "step": state["step"],
-                                                          "val_accuracy": val["accuracy"], "val_loss": val["loss"],
-                                                          "val_split": d.val_split})
+                                                          "val_accuracy": best["accuracy"], "val_loss": best["loss"],
+                                                          "val_split": d.val_split, "weights": kind, "tta": t.tta},
+                                     weights)
                 state["epoch"] = epoch + 1
                 if (epoch + 1) % t.save_every == 0 or last_epoch:
-                    save_weights("last.safetensors", {"epoch": epoch + 1, "step": state["step"]})
+                    save_weights("last.safetensors", {"epoch": epoch + 1, "step": state["step"], "weights": "raw"})
+                    if ema is not None:
+                        save_weights("last_ema.safetensors", {"epoch": epoch + 1, "step": state["step"],
+                                                              "weights": "ema"}, ema.module)
                     save_resumable("epoch")
                 # wall time of the whole epoch: training plus evaluation and checkpoints
                 record["epoch_seconds"] = time.perf_counter() - t0
@@ -308,5 +350,65 @@ def _log_epoch(accelerator: Accelerator, output: Path, record: Dict[str, Any]):
     accelerator.log({k: v for k, v in record.items() if isinstance(v, (int, float)) and k != "epoch"},
                     step=record["step"])
     val = f" val loss {record['val/loss']:.4f} acc {record['val/accuracy']:.2%}" if "val/accuracy" in record else ""
+    if "val_ema/accuracy" in record:
+        val += f" (ema loss {record['val_ema/loss']:.4f} acc {record['val_ema/accuracy']:.2%})"
+    if record.get("tta"):
+        val += f" [tta {record['tta']}]"
     accelerator.print(f"epoch {record['epoch']}: train loss {record['train/loss']:.4f}{val} lr {record['lr']:.2e} "
                       f"{record['images_per_sec']:.0f} img/s, {record['epoch_seconds']:.1f} s")
+
+
+class _CpuRunEstimate:
+    """On the CPU, once: after CPU_ESTIMATE_STEPS optimizer steps (timed from the end of the first, which pays for
+    allocations and the loader starting), what the run (from its start or its resumption: `epochs` of
+    `total_steps - start_step` steps) will take at that pace, when that is longer than CPU_ESTIMATE_NOTICE_S: a
+    GPU-sized recipe started on a laptop says so in a minute, not after an hour. Evaluations and checkpoints
+    within the timed steps are counted as they come. Printed by the main process only; nothing on other devices."""
+
+    def __init__(self, accelerator: Accelerator, model: torch.nn.Module, num_classes: int, *, total_steps: int,
+                 start_step: int, epochs: int):
+        self.accelerator, self.model, self.num_classes = accelerator, model, num_classes
+        self.total_steps, self.start_step, self.epochs = total_steps, start_step, epochs
+        self.active = accelerator.device.type == "cpu" and total_steps - start_step > CPU_ESTIMATE_STEPS
+        self.first: Optional[int] = None
+        self.t0 = 0.0
+
+    def after_step(self, step: int):
+        if not self.active:
+            return
+        now = time.perf_counter()
+        if self.first is None:
+            self.first, self.t0 = step, now
+            return
+        if step - self.first < CPU_ESTIMATE_STEPS:
+            return
+        self.active = False
+        seconds_per_step = (now - self.t0) / (step - self.first)
+        seconds = seconds_per_step * (self.total_steps - self.start_step)
+        if seconds > CPU_ESTIMATE_NOTICE_S:
+            self.accelerator.print(self.message(seconds, seconds_per_step))
+
+    def message(self, seconds: float, seconds_per_step: float) -> str:
+        import timm
+
+        which = "this run" if self.start_step == 0 else "the rest of this run"
+        size = sum(p.numel() for p in self.model.parameters())
+        # recipes/configs/cpu.yaml's model, for this run's classes: counted on the meta device, its initialization
+        # kept off the run's random number generators (the run goes on drawing from them)
+        with torch.random.fork_rng(devices=[]), torch.device("meta"):
+            small = timm.create_model("tinycnn", stage_channels=[16, 32, 64], stage_repeats=[1, 1, 1],
+                                      num_classes=self.num_classes)
+        small_size = sum(p.numel() for p in small.parameters())
+        text = (f"on the CPU {which} takes about {_hms(seconds)} ({self.epochs} epochs, {seconds_per_step:.2f} s a "
+                f"step, a model of {size:,} parameters)")
+        if size > 2 * small_size:
+            return (f"{text}; recipes/configs/cpu.yaml trains a {small_size / 1000:.0f}k-parameter model made for "
+                    f"the CPU in a fraction of that (--config recipes/configs/cpu.yaml)")
+        return f"{text}; fewer train.epochs (or a train.max_steps) make it shorter"
+
+
+def _hms(seconds: float) -> str:
+    """4431.2 -> '1:13:51'."""
+    minutes, secs = divmod(int(round(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}"
