@@ -359,3 +359,24 @@ def test_the_size_bound_evicts_the_least_recently_used_shards(tmp_path):
         tiny = ShardCache(tmp_path / "tiny", url, entries, max_bytes=sizes[0] // 2)
         assert tiny.read(a, 0) == (dataset / "train-00000.tar").read_bytes()
         assert cached_files(tmp_path / "tiny", url) == [MARKER]
+
+
+
+@pytest.mark.slow
+def test_training_with_data_cache_dir_reads_each_shard_over_the_network_once(sample_shards, tmp_path):
+    """data.cache_dir reaches train()'s loaders: a second run on the node reads no shard byte over the network."""
+    from tinycnn.config import load_config
+    from tinycnn.recipe import RESUMABLE_KEYS
+    from tinycnn.train import train
+
+    assert {"data.cache_dir", "data.cache_max_bytes"} <= set(RESUMABLE_KEYS)  # how data is read, not what
+    cache_dir = tmp_path / "cache"
+    with serve(sample_shards) as (server, url):
+        cfg = load_config(None, [f"data.root={url}", f"data.cache_dir={cache_dir}", "data.num_workers=0",
+                                 "stage_channels=[8,16,32]", "stage_repeats=[1,1,1]", "train.max_steps=2",
+                                 "train.batch_size=32", "train.val_subset_size=64", "train.compile=false"])
+        train(cfg, tmp_path / "run1", progress=False)
+        first = shard_traffic(server)
+        assert first[0] > 0 and len(cached_files(cache_dir, url)) > 1
+        train(cfg, tmp_path / "run2", progress=False)
+        assert shard_traffic(server) == first

@@ -61,6 +61,8 @@ class DataConfig:
     shuffle_buffer: int = field(default=2048, metadata=_range(ge=1, cap=1_000_000))
     device_resident: bool = False               # keep the decoded train split on the device after epoch 1
     skip_bad: bool = False                      # skip (and count) unreadable samples instead of stopping
+    cache_dir: Optional[str] = None             # a URL root's shards kept on local disk after the first read
+    cache_max_bytes: Optional[int] = field(default=None, metadata=_range(ge=0))  # default: 50 GiB (tinycnn.cache)
 
 
 @dataclass

@@ -115,7 +115,8 @@ def find_lr(cfg: Config, output: Optional[Union[str, Path]] = None, *, accelerat
     manifest = read_manifest(d.root)
     loader = build_loader(d.root, d.train_split, batch_size=t.batch_size, train=True, subset=plan.train_subset,
                           rank=accelerator.process_index, world_size=world, num_workers=d.num_workers, seed=t.seed,
-                          shuffle_buffer=d.shuffle_buffer, skip_bad=d.skip_bad)
+                          shuffle_buffer=d.shuffle_buffer, skip_bad=d.skip_bad, cache_dir=d.cache_dir,
+                          cache_max_bytes=d.cache_max_bytes)
     model = build_model(cfg, manifest["num_classes"]).to(device)
     aug = build_augment(cfg, plan, model).to(device)
     optimizer = build_optimizer(model, t.optimizer, plan, lr=s.min_lr)

@@ -79,7 +79,7 @@ def train(cfg: Config, output: Path, *, resume: bool = False, accelerator: Optio
     wnids = [c["wnid"] for c in manifest["classes"]]
     names = [c.get("name", c["wnid"]) for c in manifest["classes"]]
     common = dict(rank=accelerator.process_index, world_size=world, num_workers=d.num_workers, seed=t.seed,
-                  skip_bad=d.skip_bad)
+                  skip_bad=d.skip_bad, cache_dir=d.cache_dir, cache_max_bytes=d.cache_max_bytes)
     train_loader = build_loader(d.root, d.train_split, batch_size=t.batch_size, train=True,
                                 subset=plan.train_subset, shuffle_buffer=d.shuffle_buffer, **common)
     val_loader = build_loader(d.root, d.val_split, batch_size=t.batch_size, train=False, subset=plan.val_subset,
@@ -239,16 +239,20 @@ def train(cfg: Config, output: Path, *, resume: bool = False, accelerator: Optio
                                                           "val_split": d.val_split, "weights": kind, "tta": t.tta},
                                      weights)
                 state["epoch"] = epoch + 1
-                if (epoch + 1) % t.save_every == 0 or last_epoch:
+                save_now = (epoch + 1) % t.save_every == 0 or last_epoch
+                if save_now:
                     save_weights("last.safetensors", {"epoch": epoch + 1, "step": state["step"], "weights": "raw"})
                     if ema is not None:
                         save_weights("last_ema.safetensors", {"epoch": epoch + 1, "step": state["step"],
                                                               "weights": "ema"}, ema.module)
-                    save_resumable("epoch")
                 # wall time of the whole epoch: training plus evaluation and checkpoints
                 record["epoch_seconds"] = time.perf_counter() - t0
+                # the epoch's line before the state that commits the epoch: a kill in between trains the epoch
+                # again and the resume drops the line (_keep_metrics_until), so no epoch is ever missing
                 _log_epoch(accelerator, output, record)
                 history.append(record)
+                if save_now:
+                    save_resumable("epoch")
             if stop_reason is not None and not stop_reason.startswith("loss is"):
                 save_resumable(stop_reason)
     except torch.cuda.OutOfMemoryError:
