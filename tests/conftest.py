@@ -1,8 +1,11 @@
-"""Shared fixtures. Real-data tests read the Tiny ImageNet sample in place (never copied into the repo).
+"""Shared fixtures. The end-to-end tests run on the Tiny ImageNet sample: the real one when it is there, read in place
+(never copied into the repo), else a synthetic one of the same layouts, sizes and quirks (tests/synthetic.py),
+written once per session into pytest's temporary folder. So every test runs on a fresh clone.
 
-Set TINYCNN_SAMPLE_DATA to the folder holding `tiny-imagenet-200-sample.zip` and
-`tiny-imagenet-hf-sample/`; .ci/run sets it to ../shared/data. Without it, tests look at
-../shared/data beside the checkout and skip with a reason when it is not there.
+Set TINYCNN_SAMPLE_DATA to the folder holding `tiny-imagenet-200-sample.zip` and `tiny-imagenet-hf-sample/`;
+.ci/run sets it to ../shared/data. Without it, tests look at ../shared/data beside the checkout. Tests whose claim
+is about the real images themselves are marked `real_data` and skip with a reason when the real sample is not there
+(TINYCNN_SAMPLE_DATA=/nonexistent runs the suite as a clone without it does).
 
 `run_recipe` runs a recipe script in the test's process; tests start a real process only where one is what
 they check (DDP, a signal through a launcher, a lock held elsewhere, a fresh interpreter).
@@ -17,6 +20,8 @@ from pathlib import Path
 
 import pytest
 
+import synthetic
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -25,31 +30,54 @@ def sample_data_dir():
     return Path(env) if env else REPO.parent / "shared" / "data"
 
 
+def has_real_sample():
+    return (sample_data_dir() / synthetic.ZIP_NAME).is_file()
+
+
+def pytest_collection_modifyitems(config, items):
+    """Without the real sample, the tests marked real_data skip, each with the same reason."""
+    if has_real_sample():
+        return
+    skip = pytest.mark.skip(reason=f"real Tiny ImageNet sample not found at {sample_data_dir()}: set "
+                                   "TINYCNN_SAMPLE_DATA to the folder holding tiny-imagenet-200-sample.zip and "
+                                   "tiny-imagenet-hf-sample/")
+    for item in items:
+        if item.get_closest_marker("real_data"):
+            item.add_marker(skip)
+
+
 @pytest.fixture(scope="session")
-def sample_data():
-    d = sample_data_dir()
-    if not (d / "tiny-imagenet-200-sample.zip").is_file():
-        pytest.skip(f"real Tiny ImageNet sample not found at {d}: set TINYCNN_SAMPLE_DATA to the folder "
-                    "holding tiny-imagenet-200-sample.zip and tiny-imagenet-hf-sample/")
-    return d
+def synthetic_data(tmp_path_factory):
+    """A synthetic sample folder (zip, and parquet files when pyarrow is installed), whether or not the real one is
+    there: see tests/synthetic.py."""
+    return synthetic.write_sample(tmp_path_factory.mktemp("synthetic-sample"))
+
+
+@pytest.fixture(scope="session")
+def sample_data(request):
+    """The folder holding the sample zip and parquet files: the real sample when it is there, else the synthetic one
+    (looked up only then, so a run with the real sample does not write it)."""
+    if has_real_sample():
+        return sample_data_dir()
+    return request.getfixturevalue("synthetic_data")
 
 
 @pytest.fixture(scope="session")
 def sample_zip(sample_data):
-    return sample_data / "tiny-imagenet-200-sample.zip"
+    return sample_data / synthetic.ZIP_NAME
 
 
 @pytest.fixture(scope="session")
 def sample_parquet(sample_data):
-    d = sample_data / "tiny-imagenet-hf-sample"
-    if not d.is_dir():
+    d = sample_data / synthetic.PARQUET_DIR
+    if not d.is_dir():  # the synthetic sample has none without pyarrow (the parquet extra)
         pytest.skip(f"parquet sample not found at {d}")
     return d
 
 
 @pytest.fixture(scope="session")
 def sample_shards(sample_zip, tmp_path_factory):
-    """The real sample prepared once per session with default settings (450/50 per class + official val as test)."""
+    """The sample prepared once per session with default settings (450/50 per class + official val as test)."""
     from tinycnn.prepare import prepare
 
     out = tmp_path_factory.mktemp("shards") / "tiny-sample"

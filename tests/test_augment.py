@@ -480,6 +480,7 @@ def _check_compiled(aug, images, backend):
         torch.testing.assert_close(compiled(images, params), eager, rtol=0, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_torch_compile_matches_eager():
     """torch.compile of apply traces as one graph and gives the eager result.  On CPU this uses the
     aot_eager backend: inductor's C++ compile of this graph takes 10-20 s on a small CPU (and is no

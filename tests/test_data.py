@@ -1,5 +1,5 @@
 """tinycnn.data: the streaming loader (exact partitions, shuffling, bad samples, workers) and the fast tar reader, over
-synthetic shards and the real sample; make_shards is shared with test_remote_shards.py and test_transfer.py."""
+synthetic shards and the prepared sample (conftest.py); make_shards is shared with test_remote_shards.py and test_transfer.py."""
 import contextlib
 import json
 from collections import Counter
@@ -125,9 +125,8 @@ def test_truncated_shard_is_an_error_not_a_hang(tmp_path):
         list(build_loader(root, "train", batch_size=4, train=False, num_workers=2))
 
 
-# --- on the real sample -------------------------------------------------------------------------------
+# --- on the prepared sample ---------------------------------------------------------------------------
 
-@pytest.mark.real_data
 def test_real_test_split_once_with_two_workers(sample_shards):
     manifest = read_manifest(sample_shards)
     loader = build_loader(sample_shards, "test", batch_size=64, train=False, num_workers=2)
@@ -140,7 +139,6 @@ def test_real_test_split_once_with_two_workers(sample_shards):
     assert torch.bincount(ys).tolist() == manifest["splits"]["test"]["class_counts"]
 
 
-@pytest.mark.real_data
 def test_real_eval_equal_across_process_counts(sample_shards):
     """The 2-rank split (ranks are plain arguments; the process boundary is tested by test_train's 2-process
     run) together yields exactly the 1-rank multiset of images."""
@@ -199,7 +197,6 @@ def test_fast_tar_reader_reports_damage(tmp_path):
         list(tar_samples(str(bad)))
 
 
-@pytest.mark.real_data
 def test_fast_tar_reader_on_real_shards(sample_shards):
     for shard in sorted(sample_shards.glob("*.tar"))[:5]:
         assert list(tar_samples(str(shard))) == _wds_samples(str(shard))

@@ -21,7 +21,6 @@ def test_out_of_memory_message_names_the_fix():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: the OOM path only exists on a GPU")
-@pytest.mark.real_data
 def test_cuda_out_of_memory_is_one_clear_line(sample_shards, tmp_path):
     from tinycnn.train import train
 
@@ -37,7 +36,6 @@ def test_cuda_out_of_memory_is_one_clear_line(sample_shards, tmp_path):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: cudnn settings only matter on a GPU")
-@pytest.mark.real_data
 @pytest.mark.parametrize("deterministic", [False, True])
 def test_cudnn_autotuning_follows_train_deterministic(sample_shards, tmp_path, deterministic):
     """Fixed 64x64 shapes: cudnn.benchmark picks the fastest kernels once; train.deterministic turns it off."""

@@ -56,6 +56,7 @@ def test_export_writes_timms_layout(odd_weights, tmp_path):
     assert cfg["tinycnn"]["extra"] == {"epoch": 4, "val_accuracy": 0.31}
 
 
+@pytest.mark.slow
 def test_timm_alone_rebuilds_the_exported_model_in_a_fresh_process(odd_weights, tmp_path):
     model, path = odd_weights
     out = export_hub(path, tmp_path / "hub")
@@ -232,6 +233,7 @@ def _run_cli(monkeypatch, capsys, *args):
     return run_main(export.main), capsys.readouterr()
 
 
+@pytest.mark.slow
 def test_cli(odd_weights, tmp_path):
     _, path = odd_weights
     ok = subprocess.run([sys.executable, str(REPO / "recipes" / "export.py"), str(path), "--out", "exported"],

@@ -1,5 +1,5 @@
 """Grid search (tinycnn.grid, recipes/grid_search.py): naming and planning, reading results back, and the
-recipe on the real 10-class sample with a 2-stage 8/16-channel model and a handful of steps."""
+recipe on the 10-class sample with a 2-stage 8/16-channel model and a handful of steps."""
 import csv
 import json
 from pathlib import Path
@@ -179,7 +179,7 @@ def test_best_record_is_the_first_of_the_best():
     assert grid.best_record(records[:1]) is None and grid.best_record([]) is None
 
 
-# ============================================================================= the recipe on the real sample
+# ============================================================================= the recipe on the sample
 
 GRID = ["grid.lr=[0.001,0.02]", "grid.weight_decay=[1e-4]", "grid.stage_channels=[[8,16]]",
         "grid.stage_repeats=[[1,1]]", "grid.epochs=1", "train.batch_size=32", "train.max_steps=3",

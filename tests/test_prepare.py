@@ -1,4 +1,5 @@
-"""tinycnn-prepare: real-sample checks (read in place via conftest's fixtures), synthetic bad inputs, download."""
+"""tinycnn-prepare: checks on the sample (conftest's fixtures: the real one, else its synthetic stand-in), synthetic
+bad inputs, download."""
 import contextlib
 import hashlib
 import io
@@ -115,7 +116,7 @@ def bad_case(tmp_path, files, skip_bad=False):
 
 
 # ---------------------------------------------------------------------------------------------
-# the real sample (10 classes, 500 train + 50 val images each)
+# the sample (10 classes, 500 train + 50 val images each; the synthetic one has the real one's counts)
 
 
 @pytest.fixture(scope="session")
@@ -143,7 +144,6 @@ def shard_samples(sample_shards):
     return {split: read_split(sample_shards, split) for split in ("train", "val", "test")}
 
 
-@pytest.mark.real_data
 def test_sample_manifest(sample_shards, sample_zip, truth):
     _, wnids = truth
     m = json.loads((sample_shards / "manifest.json").read_text())
@@ -175,7 +175,6 @@ def test_sample_manifest(sample_shards, sample_zip, truth):
         ["manifest.json", "_info.json"] + [x["file"] for s in m["splits"].values() for x in s["shards"]])
 
 
-@pytest.mark.real_data
 def test_sample_labels_keys_and_bytes(sample_shards, shard_samples, truth):
     source, wnids = truth
     m = json.loads((sample_shards / "manifest.json").read_text())
@@ -199,7 +198,6 @@ def test_sample_labels_keys_and_bytes(sample_shards, shard_samples, truth):
     assert set(seen) == set(source) and max(seen.values()) == 1
 
 
-@pytest.mark.real_data
 def test_sample_images_decode_to_3x64x64(sample_shards, shard_samples):
     m = json.loads((sample_shards / "manifest.json").read_text())
     for split, samples in shard_samples.items():
@@ -211,7 +209,6 @@ def test_sample_images_decode_to_3x64x64(sample_shards, shard_samples):
         assert gray == m["splits"][split]["grayscale"]
 
 
-@pytest.mark.real_data
 def test_sample_shards_are_shuffled(shard_samples):
     train = shard_samples["train"]
     keys = [s["__key__"] for s in train]
@@ -220,7 +217,6 @@ def test_sample_shards_are_shuffled(shard_samples):
     assert len(first_shard_classes) >= 8, "a shard should mix the classes"
 
 
-@pytest.mark.real_data
 def test_timm_wds_reader_reads_the_shards(sample_shards):
     timm_data = pytest.importorskip("timm.data")
     ds = timm_data.create_dataset("wds/tiny", root=str(sample_shards), split="test")
@@ -232,7 +228,6 @@ def test_timm_wds_reader_reads_the_shards(sample_shards):
     assert targets == Counter({i: 50 for i in range(10)})
 
 
-@pytest.mark.real_data
 def test_rerun_is_a_noop(sample_zip, sample_shards):
     before = {p.name: p.stat().st_mtime_ns for p in sample_shards.iterdir()}
     m = prepare(sample_zip, sample_shards, progress=False)
@@ -242,7 +237,7 @@ def test_rerun_is_a_noop(sample_zip, sample_shards):
         prepare(sample_zip, sample_shards, holdout_per_class=0, progress=False)
 
 
-@pytest.mark.real_data
+@pytest.mark.slow
 def test_extracted_folder_gives_the_same_shards(sample_zip, sample_shards, tmp_path):
     with zipfile.ZipFile(sample_zip) as z:
         z.extractall(tmp_path / "src")
@@ -253,7 +248,6 @@ def test_extracted_folder_gives_the_same_shards(sample_zip, sample_shards, tmp_p
         assert tar_bytes(out) == tar_bytes(sample_shards)
 
 
-@pytest.mark.real_data
 def test_parquet_gives_the_same_samples(sample_parquet, sample_shards, tmp_path):
     m = prepare(sample_parquet, tmp_path / "out", progress=False)
     zm = json.loads((sample_shards / "manifest.json").read_text())
@@ -278,7 +272,6 @@ def truncated_zip(sample_zip, tmp_path_factory):
     return path, victim
 
 
-@pytest.mark.real_data
 def test_truncated_jpeg_is_refused(truncated_zip, tmp_path):
     path, victim = truncated_zip
     out = tmp_path / "out"
@@ -288,7 +281,6 @@ def test_truncated_jpeg_is_refused(truncated_zip, tmp_path):
     assert not out.exists() and leftovers(out) == []  # no manifest, no temporary folder
 
 
-@pytest.mark.real_data
 def test_truncated_jpeg_is_skipped_and_recorded(truncated_zip, tmp_path):
     path, victim = truncated_zip
     m = prepare(path, tmp_path / "out", skip_bad=True, progress=False)
@@ -305,7 +297,6 @@ def _run_cli(*args):
                           text=True, env=env, cwd=REPO, timeout=120)
 
 
-@pytest.mark.real_data
 def test_cli_holdout_0(sample_zip, truth, tmp_path):
     source, wnids = truth
     out = tmp_path / "out"
@@ -717,7 +708,6 @@ def jpeg_bytes(samples):
     return sum(len(s["jpg"]) for split in samples.values() for s in split)
 
 
-@pytest.mark.real_data
 def test_compressed_shards_hold_the_same_samples(sample_zip, sample_shards, shard_samples, tmp_path):
     out = tmp_path / "gz"
     assert main([str(sample_zip), "--out", str(out), "--compress", "--no-progress"]) == 0
@@ -741,7 +731,6 @@ def test_compressed_shards_hold_the_same_samples(sample_zip, sample_shards, shar
         prepare(sample_zip, out, progress=False)
 
 
-@pytest.mark.real_data
 def test_timm_and_the_loader_read_compressed_shards(sample_zip, tmp_path):
     timm_data = pytest.importorskip("timm.data")
     from tinycnn.data import build_loader
@@ -902,6 +891,7 @@ def stalled_prepare(tmp_path):
                 os.kill(pid, signal.SIGKILL)
 
 
+@pytest.mark.slow
 def test_second_prepare_stops_at_once_sigkill_leaves_no_process_and_the_next_run_cleans_up(stalled_prepare,
                                                                                            capsys):
     proc, workers, good, out = stalled_prepare
@@ -923,6 +913,7 @@ def test_second_prepare_stops_at_once_sigkill_leaves_no_process_and_the_next_run
     assert leftovers(out) == ["out"] and is_prepared(out)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("how", ["SIGTERM", "Ctrl-C"])
 def test_sigterm_and_ctrl_c_clean_up(stalled_prepare, how):
     proc, workers, _, out = stalled_prepare

@@ -1,7 +1,7 @@
 """README.md's Python blocks run, top to bottom in one namespace, in a temporary folder, on the CPU.
 
-The only substitutions are the ones in SUBSTITUTIONS (the prepared shards of the README become the real
-10-class sample, prepared once per session; the README's GPU becomes the CPU), so the README shows what
+The only substitutions are the ones in SUBSTITUTIONS (the prepared shards of the README become the 10-class
+sample, real or synthetic, prepared once per session; the README's GPU becomes the CPU), so the README shows what
 users type and this test checks that it works.
 """
 import re
@@ -30,6 +30,7 @@ def test_readme_has_python_blocks():
     assert len(blocks) >= 2 and all(code.strip() for _, code in blocks)
 
 
+@pytest.mark.slow
 def test_readme_python_blocks_run(sample_shards, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     namespace = {"__name__": "__readme__"}

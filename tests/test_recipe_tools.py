@@ -1,6 +1,6 @@
 """The workflow's tools before and around training: checks (step 1), LR finder (step 3), grid search (step 4).
 
-Pure helpers are tested on synthetic inputs; the recipes end to end on the real 10-class sample
+Pure helpers are tested on synthetic inputs; the recipes end to end on the 10-class sample
 (`sample_shards`) with a 2-stage 8/16-channel model and a handful of steps.
 """
 import csv
@@ -156,7 +156,7 @@ def test_augment_grid_layout_and_denormalization(tmp_path):
     assert (tile(1, 0) - images[0].flip(-1).int()).abs().max() <= 1
 
 
-# ============================================================================= real sample: checks
+# ============================================================================= the sample: checks
 
 def test_checks_recipe_on_sample(sample_shards, tmp_path, run_recipe):
     out = tmp_path / "checks"
@@ -181,7 +181,7 @@ def test_checks_recipe_on_sample(sample_shards, tmp_path, run_recipe):
     assert (png.shape[2], png.shape[1]) == grid_size(12, nrow=6) == (6 * 66 + 2, 4 * 66 + 2)
 
 
-# ============================================================================= real sample: LR finder
+# ============================================================================= the sample: LR finder
 
 def test_lr_finder_recipe_on_sample(sample_shards, tmp_path, run_recipe):
     out = tmp_path / "lrf"

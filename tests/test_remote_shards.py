@@ -87,7 +87,6 @@ def keyed_samples(root, split, rank, world_size, workers):
     return out
 
 
-@pytest.mark.real_data
 @pytest.mark.parametrize("world_size,num_workers", [(1, 0), (1, 1), (2, 0), (2, 1)])
 def test_url_reads_the_same_samples_as_the_folder(sample_shards, world_size, num_workers):
     with serve(sample_shards) as (server, url):
@@ -106,7 +105,6 @@ def test_url_reads_the_same_samples_as_the_folder(sample_shards, world_size, num
         assert server.requests["/manifest.json"] >= 1
 
 
-@pytest.mark.real_data
 def test_url_train_batches_equal_the_folder_on_two_ranks(sample_shards):
     with serve(sample_shards) as (server, url):
         for rank in range(2):
@@ -205,7 +203,6 @@ def test_pipe_and_fsspec_roots(tmp_path):
         list(build_loader(f"file://{root}", "train", **kw))
 
 
-@pytest.mark.real_data
 def test_prepare_compress_shards_read_the_same_over_http(sample_zip, sample_shards, tmp_path):
     from tinycnn.prepare import prepare
 
@@ -216,7 +213,6 @@ def test_prepare_compress_shards_read_the_same_over_http(sample_zip, sample_shar
     assert_same_over_http(packed, batches(sample_shards, "val", **kw), "val", **kw)
 
 
-@pytest.mark.real_data
 @pytest.mark.slow
 def test_training_and_evaluation_from_a_url(sample_shards, tmp_path):
     """train() and evaluate_checkpoint() given the URL instead of the folder (the loader tests above show the

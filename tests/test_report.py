@@ -1,7 +1,7 @@
 """The experiment report (tinycnn.report, recipes/report.py).
 
 Pure helpers on synthetic files (folder detection, the hyperparameter-effect table, the holdout note,
-the layer table); then a small project built once on the real 10-class sample (checks, an overfit run,
+the layer table); then a small project built once on the 10-class sample (checks, an overfit run,
 an LR finder, a 2-run grid, two training runs, a test evaluation; a 2-stage 8/16-channel model and a
 handful of steps, in-process) and its report, checked against the files it was built from.
 """
@@ -236,7 +236,7 @@ def test_report_help(monkeypatch, capsys):
     assert out.startswith("usage:") and "--output" in out and "DIR" in out
 
 
-# ============================================================================= a project on the real sample
+# ============================================================================= a project on the sample
 
 @pytest.fixture(scope="module")
 def project(sample_shards, tmp_path_factory):
@@ -296,6 +296,7 @@ def metrics(run_dir):
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_every_section_is_there_and_complete(built):
     out, text = built
     for number, name in enumerate(report.SECTIONS, 1):
@@ -304,6 +305,7 @@ def test_every_section_is_there_and_complete(built):
     assert "shards (found at a run's data path)" in text
 
 
+@pytest.mark.slow
 def test_figures_exist_and_are_pngs(built):
     out, text = built
     figures = re.findall(r"!\[[^\]]+\]\((figures/[^)]+\.png)\)", text)
@@ -321,11 +323,13 @@ def test_figures_exist_and_are_pngs(built):
     assert {f"figures/{p.name}" for p in (out / "figures").glob("*.png")} == expected  # nothing else left there
 
 
+@pytest.mark.slow
 def test_augment_grid_is_the_checks_png(built, project):
     out, _ = built
     assert (out / "figures" / "augment_grid.png").read_bytes() == (project / "checks" / "augment_grid.png").read_bytes()
 
 
+@pytest.mark.slow
 def test_numbers_match_the_inputs(built, project):
     import timm
 
@@ -368,6 +372,7 @@ def test_numbers_match_the_inputs(built, project):
     assert "| 8 x 64 x 64 |" in model and "| 16 x 32 x 32 |" in model
 
 
+@pytest.mark.slow
 def test_runs_are_sorted_into_their_sections(built):
     _, text = built
     assert "overfit" in section(text, 3) and "`original`" not in section(text, 3)
@@ -380,6 +385,7 @@ def test_runs_are_sorted_into_their_sections(built):
     assert "overfit_small: false" in repro and "| torch |" in repro and "cpu_count" in repro
 
 
+@pytest.mark.slow
 def test_holdout_note_switches_with_the_manifest(built, project, sample_shards, tmp_path):
     _, text = built
     assert "**Test from a held-out split**" in section(text, 7)
@@ -401,6 +407,7 @@ def test_holdout_note_switches_with_the_manifest(built, project, sample_shards, 
     assert "`val` = the official validation images" in section(other, 1)
 
 
+@pytest.mark.slow
 def test_a_missing_input_gives_a_note_not_a_crash(project, tmp_path):
     text = build_report([project / "checks", project / "test.json"], tmp_path / "out").read_text()
     for number, name in enumerate(report.SECTIONS, 1):
@@ -415,6 +422,7 @@ def test_a_missing_input_gives_a_note_not_a_crash(project, tmp_path):
     assert "| train | 4,500 |" in section(text, 1)
 
 
+@pytest.mark.slow
 def test_recipe_lists_the_sections_that_lack_inputs(project, tmp_path, monkeypatch, capsys):
     out = tmp_path / "out"
     monkeypatch.setattr(sys, "argv", ["recipes/report.py", str(project / "checks"), str(project / "test.json"),

@@ -53,6 +53,7 @@ def test_resume_and_overwrite(tmp_path):
         claim_folder(tmp_path / "run", resume=True, overwrite=True)
 
 
+@pytest.mark.slow
 def test_a_second_process_stops_at_once_naming_the_holder(tmp_path):
     holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from tinycnn.runs import RunLock; "
                                f"lock = RunLock({str(tmp_path / 'run')!r}).acquire(); print('locked', flush=True); "
@@ -115,9 +116,6 @@ def first_run(sample_shards, tmp_path_factory, run_recipe):
     return out, proc
 
 
-pytestmark = pytest.mark.real_data
-
-
 def test_the_same_command_twice_keeps_both_runs(first_run, sample_shards, run_recipe):
     out, proc = first_run
     # stdout is not a terminal here, as in a job log: plain progress lines, then the summary
@@ -142,6 +140,7 @@ def test_a_refused_config_leaves_nothing_on_disk(sample_shards, tmp_path, run_re
         assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 def test_resume_needs_only_the_folder_and_refuses_changes(first_run, sample_shards, run_recipe):
     out, _ = first_run
     refused = run_recipe("train", "--resume", "--output", out, "train.optimizer.lr=0.1")
@@ -158,6 +157,7 @@ def test_resume_needs_only_the_folder_and_refuses_changes(first_run, sample_shar
     assert [r["epoch"] for r in rows] == [1, 2] and rows[-1]["step"] == 2 * 128 // 32
 
 
+@pytest.mark.slow
 def test_sigterm_to_the_launcher_stops_the_trainer_with_state_saved(sample_shards, tmp_path):
     # slow for a reason: the launcher and the trainer are two real processes, which is what it tests
     psutil = pytest.importorskip("psutil")

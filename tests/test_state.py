@@ -625,7 +625,6 @@ def test_a_resumed_train_equals_an_uninterrupted_one(tiny_shards, tmp_path, monk
     assert [{k: r[k] for k in same} for r in rows] == [{k: r[k] for k in same} for r in expected]
 
 
-@pytest.mark.real_data
 def test_resume_of_a_run_saved_by_accelerate_is_refused(sample_shards, tmp_path, run_recipe):
     marker, out = tmp_path / "MARKER", tmp_path / "run"
     proc = run_recipe("train", "--data", sample_shards, "--output", out, "--no-progress", "train.epochs=1",

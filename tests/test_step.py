@@ -185,6 +185,7 @@ def test_compiled_runs_one_after_another_do_not_recompile(accelerator_factory):
     assert frames[2] == frames[1] == frames[0]
 
 
+@pytest.mark.slow
 def test_compiled_step_takes_a_last_partial_batch():
     torch._dynamo.reset()
     counter = _counting_backend()

@@ -1,4 +1,4 @@
-"""End to end on the real sample: train under accelerate (1 and 2 CPU processes), evaluate, resume, failures."""
+"""End to end on the sample: train under accelerate (1 and 2 CPU processes), evaluate, resume, failures."""
 import json
 import math
 import os
@@ -14,7 +14,6 @@ from tinycnn.train import TrainingStopped, train
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = ["stage_channels=[16,32,64]", "stage_repeats=[1,1,1]", "data.num_workers=1", "train.log_every=5"]
-pytestmark = pytest.mark.real_data
 
 
 def run(args, check=True, **kw):
@@ -117,6 +116,7 @@ def test_sigterm_saves_state_and_resume_finishes_with_the_same_steps(sample_shar
     assert rows[-1]["step"] == 3 * (1024 // 64)
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_with_a_clear_message_and_keeps_the_best(sample_shards, tmp_path):
     cfg = load_config(REPO / "recipes/configs/original.yaml", [
         f"data.root={sample_shards}", *SMALL, "train.batch_size=64", "train.overfit_small=true",

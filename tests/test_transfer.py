@@ -1,6 +1,6 @@
 """tinycnn.transfer: DevicePrefetcher and DeviceResidentLoader over synthetic shards (CUDA paths where present).
 
-tests/test_cuda.py holds the other CUDA checks (stream ordering under load, pinned batches on the real sample).
+tests/test_cuda.py holds the other CUDA checks (stream ordering under load, pinned batches on the sample).
 """
 from collections import Counter
 

@@ -351,7 +351,6 @@ def test_a_read_only_output_folder_is_one_line(tmp_path, run_recipe):
 
 # ============================================================================= the grid's run folders
 
-@pytest.mark.real_data
 def test_the_grid_never_empties_a_folder_it_did_not_write(sample_shards, tmp_path):
     cfg = load_config(REPO / "recipes" / "configs" / "grid_search.yaml",
                       [f"data.root={sample_shards}", "grid.lr=[0.001]", "grid.weight_decay=[1e-4]",
@@ -387,7 +386,6 @@ def test_hparams_are_never_written_through_a_symlinked_tb(tmp_path):
 # ============================================================================= a real run folder, end to end
 
 @pytest.mark.slow
-@pytest.mark.real_data
 def test_a_run_folder_train_wrote_is_replaced_and_one_it_did_not_is_not(sample_shards, tmp_path, run_recipe):
     out = tmp_path / "run"
     args = ["--data", sample_shards, "--output", out, "train.epochs=1", "--no-progress", *TINY]

@@ -42,6 +42,7 @@ def test_weights_are_self_describing(trained_like):
         assert b"pickle" not in f.read(4096)
 
 
+@pytest.mark.slow
 def test_weights_load_in_a_fresh_process_with_timm_alone(trained_like):
     model, path, _ = trained_like
     x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
