@@ -28,8 +28,9 @@ _ADJUST = {"brightness": TF.adjust_brightness, "contrast": TF.adjust_contrast,
 # ----------------------------------------------------------------------------- fixtures / reference
 
 @pytest.fixture(scope="module")
-def real_images(sample_zip):
-    """64 real Tiny ImageNet train JPEGs (uint8, B x 3 x 64 x 64), the last one grayscale (decoded as RGB)."""
+def sample_images(sample_zip):
+    """64 train JPEGs of the sample (uint8, B x 3 x 64 x 64), the last one grayscale (decoded as RGB): real Tiny
+    ImageNet photos when the real sample is there, else the synthetic sample's images (conftest.py)."""
     from PIL import Image
 
     with zipfile.ZipFile(sample_zip) as z:
@@ -116,14 +117,13 @@ SINGLE_OPS = {
 }
 
 
-@pytest.mark.real_data
 @pytest.mark.parametrize("name", list(SINGLE_OPS))
-def test_each_op_alone_matches_torchvision(real_images, name):
+def test_each_op_alone_matches_torchvision(sample_images, name):
     aug = GPUAugment(**SINGLE_OPS[name], mean=None, std=None)
-    params = aug.sample(len(real_images), generator=torch.Generator().manual_seed(1))
-    out, _ = assert_close_to_reference(aug, real_images, params)
+    params = aug.sample(len(sample_images), generator=torch.Generator().manual_seed(1))
+    out, _ = assert_close_to_reference(aug, sample_images, params)
     # the op really did something (and the draw covers both sides of identity)
-    plain = unit(real_images)
+    plain = unit(sample_images)
     changed = (out - plain).abs().flatten(1).amax(1) > TOL
     if name == "crop":
         assert changed.float().mean() > 0.8 and len(set(map(tuple, params["crop_offsets"].tolist()))) > 20
@@ -138,15 +138,14 @@ def test_each_op_alone_matches_torchvision(real_images, name):
         assert changed[:-1].float().mean() > 0.5   # (not all: factors near 1, dull images; the gray one)
 
 
-@pytest.mark.real_data
 @pytest.mark.parametrize("config", ["default", "strong", "strong_jitter_p", "no_hue", "hue_and_contrast"])
-def test_composed_matches_torchvision(real_images, config):
+def test_composed_matches_torchvision(sample_images, config):
     kwargs = {"default": {}, "strong": STRONG, "strong_jitter_p": dict(STRONG, jitter_p=0.5),
               "no_hue": dict(STRONG, hue=0), "hue_and_contrast": dict(OFF, contrast=0.5, hue=0.3, flip_p=0.5)}[config]
     aug = GPUAugment(**kwargs)
     assert aug.normalize
-    params = aug.sample(len(real_images), generator=torch.Generator().manual_seed(2))
-    assert_close_to_reference(aug, real_images, params)
+    params = aug.sample(len(sample_images), generator=torch.Generator().manual_seed(2))
+    assert_close_to_reference(aug, sample_images, params)
     # every op can land at every position in this batch
     order = params["jitter_order"]
     for op in range(4):
@@ -154,7 +153,7 @@ def test_composed_matches_torchvision(real_images, config):
 
 
 def test_composed_matches_torchvision_synthetic():
-    """Same check without the real-data zip, on images full of hue edge cases, at a non-64 size."""
+    """Same check without the sample zip, on images full of hue edge cases, at a non-64 size."""
     images = synthetic_images(24, 40, 56)
     for kwargs in ({}, STRONG):
         aug = GPUAugment(**kwargs)
@@ -162,21 +161,20 @@ def test_composed_matches_torchvision_synthetic():
         assert_close_to_reference(aug, images, params)
 
 
-@pytest.mark.real_data
-def test_jitter_order_is_honoured(real_images):
+def test_jitter_order_is_honoured(sample_images):
     """Running the same factors in another order gives different images: so the reference comparison
     above would catch an implementation that ignores or misreads jitter_order."""
     aug = GPUAugment(**dict(STRONG, crop_padding=0, flip_p=0))
-    params = aug.sample(len(real_images), generator=torch.Generator().manual_seed(4))
-    out = aug.apply(real_images, params)
+    params = aug.sample(len(sample_images), generator=torch.Generator().manual_seed(4))
+    out = aug.apply(sample_images, params)
     reversed_ = dict(params, jitter_order=params["jitter_order"].flip(1))
-    other = aug.apply(real_images, reversed_)
-    assert unit_error(aug, other, reference(aug, real_images, reversed_)).max() <= TOL
+    other = aug.apply(sample_images, reversed_)
+    assert unit_error(aug, other, reference(aug, sample_images, reversed_)).max() <= TOL
     differs = unit_error(aug, out, other).flatten(1).amax(1) > TOL
     # brightness commutes with the others up to clamping, so not every reversal shows
     assert differs[:-1].float().mean() > 0.75
-    fixed = dict(params, jitter_order=torch.arange(4).expand(len(real_images), 4))
-    assert (unit_error(aug, out, reference(aug, real_images, fixed)).flatten(1).amax(1) > TOL).sum() > 20
+    fixed = dict(params, jitter_order=torch.arange(4).expand(len(sample_images), 4))
+    assert (unit_error(aug, out, reference(aug, sample_images, fixed)).flatten(1).amax(1) > TOL).sum() > 20
 
 
 # ----------------------------------------------------------------------------- randomness

@@ -1,5 +1,6 @@
 """tinycnn.data: the streaming loader (exact partitions, shuffling, bad samples, workers) and the fast tar reader, over
-synthetic shards and the prepared sample (conftest.py); make_shards is shared with test_remote_shards.py and test_transfer.py."""
+synthetic shards and the prepared sample (conftest.py); make_shards is shared with test_remote_shards.py and
+test_transfer.py."""
 import contextlib
 import json
 from collections import Counter
