@@ -37,8 +37,9 @@ SAMPLED_MAX_FRACTION = 0.002
 # ----------------------------------------------------------------------------- images and the reference
 
 @pytest.fixture(scope="module")
-def real_images(sample_zip):
-    """62 real Tiny ImageNet train JPEGs spread over the sample's classes plus a grayscale one, uint8."""
+def sample_images(sample_zip):
+    """62 Tiny ImageNet train JPEGs (the real sample, or the synthetic one without it) spread over the classes,
+    plus a grayscale one, uint8."""
     from PIL import Image
 
     with zipfile.ZipFile(sample_zip) as z:
@@ -191,20 +192,19 @@ def test_reference_is_torchvisions_dispatch():
 
 # ----------------------------------------------------------------------------- each op against torchvision
 
-@pytest.mark.real_data
 @pytest.mark.parametrize("policy", ["trivialaugment", "randaugment"])
 @pytest.mark.parametrize("name", POLICY_OPS)
-def test_each_policy_op_matches_torchvision(real_images, policy, name):
+def test_each_policy_op_matches_torchvision(sample_images, policy, name):
     """Every sample gets op `name` (TrivialAugmentWide: each of the 31 bins, both signs; RandAugment:
     bin 9, both signs), batched; torchvision's functional op on each image must agree."""
     aug = GPUAugment(**OFF, policy=policy, ra_num_ops=1)
     op = POLICY_OPS.index(name)
-    params = one_op_params(aug, real_images, op)
-    out = aug.apply(real_images, params)
+    params = one_op_params(aug, sample_images, op)
+    out = aug.apply(sample_images, params)
     assert torch.equal(out, TF.to_dtype(as_uint8(out), torch.float32, scale=True))   # whole uint8 levels
     out = as_uint8(out)
-    assert_op_matches(name, out, policy_reference(real_images, params, policy))
-    changed = (out != real_images).flatten(1).any(1).float().mean()
+    assert_op_matches(name, out, policy_reference(sample_images, params, policy))
+    changed = (out != sample_images).flatten(1).any(1).float().mean()
     if name == "Identity":
         assert changed == 0
     else:   # the op acts (bin 0 is the identity for most ops, and some images are already "auto-contrasted")
@@ -226,19 +226,18 @@ def test_each_policy_op_matches_torchvision_oblong_with_fill(name):
         assert (out == torch.tensor(fill, dtype=torch.uint8).view(1, 3, 1, 1)).all(1).any()
 
 
-@pytest.mark.real_data
 @pytest.mark.parametrize("policy", ["trivialaugment", "randaugment"])
-def test_composed_pipeline_matches_torchvision(real_images, policy):
+def test_composed_pipeline_matches_torchvision(sample_images, policy):
     """crop + flip, then the policy's own random ops (RandAugment: 2 per sample, in order), then the default
     colour jitter and normalization, against torchvision's functional ops sample by sample."""
     aug = GPUAugment(policy=policy)
-    params = aug.sample(len(real_images), generator=torch.Generator().manual_seed(5))
-    out = aug.apply(real_images, params)
+    params = aug.sample(len(sample_images), generator=torch.Generator().manual_seed(5))
+    out = aug.apply(sample_images, params)
     mean, std = aug.mean.flatten().tolist(), aug.std.flatten().tolist()
     adjust = {"brightness": TF.adjust_brightness, "contrast": TF.adjust_contrast,
               "saturation": TF.adjust_saturation, "hue": TF.adjust_hue}
     cropped = []
-    for i, img in enumerate(real_images):
+    for i, img in enumerate(sample_images):
         top, left = params["crop_offsets"][i].tolist()
         img = TF.crop(TF.pad(img, [4]), top, left, 64, 64)
         cropped.append(TF.horizontal_flip(img) if params["flip"][i] else img)
@@ -252,7 +251,7 @@ def test_composed_pipeline_matches_torchvision(real_images, policy):
         ref.append(TF.normalize(x, mean, std))
     err = (out - torch.stack(ref)).abs() * aug.std
     assert err.max() <= 2 * LEVEL and err.mean() <= 1e-4, f"max {err.max() * 255:.2f}/255, mean {err.mean():.1e}"
-    assert params["policy_ops"].shape == (len(real_images), 1 if policy == "trivialaugment" else 2)
+    assert params["policy_ops"].shape == (len(sample_images), 1 if policy == "trivialaugment" else 2)
 
 
 # ----------------------------------------------------------------------------- sampling

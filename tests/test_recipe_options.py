@@ -347,21 +347,21 @@ def test_a_cpu_run_that_takes_long_says_so_once(whole_run):
 @pytest.mark.slow
 def test_an_ema_run_stopped_after_epoch_1_and_resumed_equals_the_uninterrupted_one(whole_run, tiny_shards,
                                                                                    tmp_path, monkeypatch):
-    log_epoch = tinycnn.train._log_epoch
+    save_state = tinycnn.train.save_state
 
-    def log_then_kill(accelerator, output, record):
-        log_epoch(accelerator, output, record)
-        if record["epoch"] == 1:
-            raise KeyboardInterrupt  # right after epoch 1's state was saved and logged
+    def save_then_kill(folder, **kwargs):
+        save_state(folder, **kwargs)
+        if kwargs["progress"]["epoch"] == 1:
+            raise KeyboardInterrupt  # right after epoch 1 was logged and its state committed
 
     cfg = every_option(tiny_shards)
     # timed, but far under the notice's threshold: the uninterrupted run gave the notice, and what it does to
     # print it must not change the run (it once drew from the generators the augmentation draws from)
     monkeypatch.setattr(tinycnn.train, "CPU_ESTIMATE_STEPS", 2)
-    monkeypatch.setattr(tinycnn.train, "_log_epoch", log_then_kill)
+    monkeypatch.setattr(tinycnn.train, "save_state", save_then_kill)
     with pytest.raises(KeyboardInterrupt):
         train_quietly(cfg, tmp_path / "resumed")
-    monkeypatch.setattr(tinycnn.train, "_log_epoch", log_epoch)
+    monkeypatch.setattr(tinycnn.train, "save_state", save_state)
     summary, printed = train_quietly(cfg, tmp_path / "resumed", resume=True)
     assert "resuming" in printed and "takes about" not in printed
     assert summary["steps"] == whole_run.summary["steps"]

@@ -599,17 +599,17 @@ def test_a_resumed_train_equals_an_uninterrupted_one(tiny_shards, tmp_path, monk
     whole = train(cfg, tmp_path / "whole", progress=False)
     assert whole["steps"] == 2 * (36 // 12) and whole["history"][0]["train/loss"] != whole["history"][1]["train/loss"]
 
-    log_epoch = tinycnn.train._log_epoch
+    save_state = tinycnn.train.save_state
 
-    def log_then_kill(accelerator, output, record):
-        log_epoch(accelerator, output, record)
-        if record["epoch"] == 1:
-            raise Killed  # right after epoch 1's state was saved and logged
+    def save_then_kill(folder, **kwargs):
+        save_state(folder, **kwargs)
+        if kwargs["progress"]["epoch"] == 1:
+            raise Killed  # right after epoch 1 was logged and its state committed
 
-    monkeypatch.setattr(tinycnn.train, "_log_epoch", log_then_kill)
+    monkeypatch.setattr(tinycnn.train, "save_state", save_then_kill)
     with pytest.raises(Killed):
         train(cfg, tmp_path / "resumed", progress=False)
-    monkeypatch.setattr(tinycnn.train, "_log_epoch", log_epoch)
+    monkeypatch.setattr(tinycnn.train, "save_state", save_state)
     marker = tmp_path / "MARKER"
     plant_pickles(tmp_path / "resumed" / "state", marker)  # beside a good state: never read
     capsys.readouterr()
@@ -639,3 +639,23 @@ def test_resume_of_a_run_saved_by_accelerate_is_refused(sample_shards, tmp_path,
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1 and "older tinycnn" in proc.stderr, proc.stderr
     assert not marker.exists()
+
+
+@pytest.mark.slow
+def test_a_kill_between_the_epochs_line_and_its_state_logs_every_epoch_once(tiny_shards, tmp_path, monkeypatch):
+    """The epoch's metrics line is written before the state that commits the epoch: a kill in between trains the
+    epoch again on --resume, and its line is not doubled (here before any state exists at all)."""
+    import json
+
+    import tinycnn.train
+    from tinycnn.train import train
+
+    cfg = tiny_config(tiny_shards)
+    monkeypatch.setattr(tinycnn.train, "save_state", lambda folder, **kwargs: (_ for _ in ()).throw(Killed()))
+    with pytest.raises(Killed):
+        train(cfg, tmp_path / "run", progress=False)
+    assert [json.loads(line)["epoch"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()] == [1]
+    monkeypatch.undo()
+    train(cfg, tmp_path / "run", resume=True, progress=False)
+    epochs = [json.loads(line)["epoch"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert epochs == [1, 2]

@@ -127,6 +127,8 @@ def train(cfg: Config, output: Path, *, resume: bool = False, accelerator: Optio
             _keep_metrics_until(output / "metrics.jsonl", state["epoch"])
         accelerator.print(f"resuming {output} at epoch {state['epoch']}, step {state['step']} of {total_steps}")
     elif resume:
+        if accelerator.is_main_process:  # epochs logged before any state was committed are trained again
+            _keep_metrics_until(output / "metrics.jsonl", 0)
         accelerator.print(f"--resume: no saved state in {state_dir} yet, starting from the beginning")
     if accelerator.is_main_process:
         output.mkdir(parents=True, exist_ok=True)
