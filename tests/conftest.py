@@ -1,6 +1,6 @@
 """Shared fixtures. The end-to-end tests run on the Tiny ImageNet sample: the real one when it is there, read in place
 (never copied into the repo), else a synthetic one of the same layouts, sizes and quirks (tests/synthetic.py),
-written once per session into pytest's temporary folder. So every test runs on a fresh clone.
+written once per pytest run into pytest's temporary folder. So every test runs on a fresh clone.
 
 Set TINYCNN_SAMPLE_DATA to the folder holding `tiny-imagenet-200-sample.zip` and `tiny-imagenet-hf-sample/`;
 .ci/run sets it to ../shared/data. Without it, tests look at ../shared/data beside the checkout. Tests whose claim
@@ -77,7 +77,7 @@ def sample_parquet(sample_data):
 
 @pytest.fixture(scope="session")
 def sample_shards(sample_zip, tmp_path_factory):
-    """The sample prepared once per session with default settings (450/50 per class + official val as test)."""
+    """The sample prepared once per pytest run with default settings (450/50 per class + official val as test)."""
     from tinycnn.prepare import prepare
 
     out = tmp_path_factory.mktemp("shards") / "tiny-sample"

@@ -1,4 +1,4 @@
-"""The CUDA-only paths (issue 13), each tested where CUDA is present; every test skips without it.
+"""The CUDA-only paths, each tested where CUDA is present; every test skips without it.
 
 What can run on the CPU is tested there too: tests/test_step.py (the step, accelerate, torch.compile
 recompiles and partial batches with aot_eager), tests/test_augment.py (no host reads in sample(), the

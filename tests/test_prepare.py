@@ -720,7 +720,7 @@ def test_compressed_shards_hold_the_same_samples(sample_zip, sample_shards, shar
             [(x["__key__"], x["cls"], x["jpg"]) for x in shard_samples[split]]
     info = json.loads((out / "_info.json").read_text())
     assert info["splits"]["test"]["filenames"] == [x["file"] for x in m["splits"]["test"]["shards"]]
-    # the bytes a remote reader pays for: issue goal 1.15x the JPEG bytes (plain shards: 512-byte headers)
+    # the bytes a remote reader pays for: goal: at most 1.15x the JPEG bytes (plain shards: 512-byte headers)
     jpegs = jpeg_bytes(shard_samples)
     plain = sum(p.stat().st_size for p in sample_shards.glob("*.tar"))
     packed = sum(p.stat().st_size for p in out.glob("*.tar.gz"))

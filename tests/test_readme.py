@@ -1,7 +1,7 @@
 """README.md's Python blocks run, top to bottom in one namespace, in a temporary folder, on the CPU.
 
 The only substitutions are the ones in SUBSTITUTIONS (the prepared shards of the README become the 10-class
-sample, real or synthetic, prepared once per session; the README's GPU becomes the CPU), so the README shows what
+sample, real or synthetic, prepared once per pytest run; the README's GPU becomes the CPU), so the README shows what
 users type and this test checks that it works.
 """
 import re

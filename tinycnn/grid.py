@@ -430,7 +430,7 @@ def write_hparams(result: Dict[str, Any], run_dir: Union[str, Path], domains: Op
     if path.is_symlink() or (path.exists() and not path.is_dir()):
         path.unlink()
     else:
-        shutil.rmtree(path, ignore_errors=True)  # one session per run, also when a grid is re-run
+        shutil.rmtree(path, ignore_errors=True)  # one HParams record per run, also when a grid is re-run
     exp, ssi, sei = hparams(hp, metrics, hparam_domain_discrete=domains or None)
     with SummaryWriter(log_dir=str(path)) as w:
         for summary in (exp, ssi, sei):
