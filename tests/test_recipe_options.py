@@ -3,7 +3,6 @@ a moving average of the weights (EMA), flip test-time augmentation, and the CPU 
 import contextlib
 import io
 import json
-import zipfile
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -248,37 +247,6 @@ def test_ema_weights_of_another_shape_are_refused_and_change_nothing(tmp_path):
 
 
 # ============================================================================= train() with every option
-
-@pytest.fixture(scope="module")
-def tiny_shards(tmp_path_factory):
-    """3 classes of 16 noise images (4 each held out for val) through tinycnn-prepare: an epoch is 3 steps of 12."""
-    from PIL import Image
-
-    from tinycnn.prepare import prepare
-
-    top, wnids, files, annotations = "tiny-imagenet-200/", ["n01000000", "n02000000", "n03000000"], {}, []
-    generator = np.random.default_rng(0)
-
-    def noise_jpeg(c):
-        pixels = generator.integers(0, 128, (64, 64, 3), dtype=np.uint8) + np.uint8(40 * c)
-        buffer = io.BytesIO()
-        Image.fromarray(pixels).save(buffer, "JPEG")
-        return buffer.getvalue()
-
-    for c, wnid in enumerate(wnids):
-        for i in range(16):
-            files[f"{top}train/{wnid}/images/{wnid}_{i}.JPEG"] = noise_jpeg(c)
-        files[f"{top}val/images/val_{c}.JPEG"] = noise_jpeg(c)
-        annotations.append(f"val_{c}.JPEG\t{wnid}\t0\t0\t63\t63")
-    files[top + "wnids.txt"] = "\n".join(wnids).encode()
-    files[top + "val/val_annotations.txt"] = ("\n".join(annotations) + "\n").encode()
-    root = tmp_path_factory.mktemp("tiny")
-    with zipfile.ZipFile(root / "tiny.zip", "w") as z:
-        for name, data in files.items():
-            z.writestr(name, data)
-    prepare(root / "tiny.zip", root / "shards", holdout_per_class=4, progress=False)
-    return root / "shards"
-
 
 def every_option(shards, *extra):
     return load_config(None, [f"data.root={shards}", "stage_channels=[8,16,32]", "stage_repeats=[1,1,1]",
