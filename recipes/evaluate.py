@@ -29,7 +29,7 @@ def main() -> int:
     parser.add_argument("--split", default="test", help="split to evaluate (default: test)")
     parser.add_argument("--batch_size", "--batch-size", type=int, default=256, dest="batch_size")
     parser.add_argument("--num_workers", "--num-workers", type=int, default=None, dest="num_workers",
-                        help="decoding processes per rank (default: the cores, up to 8)")
+                        help="decoding processes per rank (default: the usable cores minus one per process)")
     parser.add_argument("--device", default="auto", help="cpu, cuda, mps or auto")
     parser.add_argument("--mixed_precision", default="no", choices=["no", "bf16", "fp16"])
     parser.add_argument("--json", help="also write the results to this JSON file (an existing one is not replaced "

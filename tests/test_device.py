@@ -52,3 +52,9 @@ def test_cudnn_autotuning_follows_train_deterministic(sample_shards, tmp_path, d
     finally:
         torch.backends.cudnn.benchmark = before
         torch.use_deterministic_algorithms(False)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: without it cuda:N is refused as absent")
+def test_a_numbered_cuda_device_is_refused_with_the_way_to_pick_a_gpu():
+    with pytest.raises(ValueError, match="CUDA_VISIBLE_DEVICES=1 and train.device=cuda"):
+        resolve_device("cuda:1")

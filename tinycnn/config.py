@@ -119,7 +119,7 @@ class SchedulerConfig:
 @dataclass
 class TrainConfig:
     seed: int = field(default=42, metadata=_range(ge=0, cap=2**32 - 1))  # numpy's seeds are 32-bit
-    device: str = "auto"                       # auto, cpu, cuda, cuda:N or mps
+    device: str = "auto"                       # auto, cpu, cuda or mps (a GPU: CUDA_VISIBLE_DEVICES)
     batch_size: int = field(default=256, metadata=_range(ge=1, cap=65536))   # per process
     epochs: int = field(default=20, metadata=_range(ge=1, cap=100_000))
     max_steps: Optional[int] = field(default=None, metadata=_range(ge=1, cap=10**9))  # optimizer steps, over epochs

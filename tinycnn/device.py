@@ -15,11 +15,14 @@ def resolve_device(name: str) -> str:
     mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "mps" if mps else "cpu"
-    kind = name.split(":")[0]
+    kind, _, index = name.partition(":")
     if kind == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("train.device is cuda but no CUDA device is visible (use train.device=auto or cpu)")
     if kind == "mps" and not mps:
         raise RuntimeError("train.device is mps but MPS is not available (use train.device=auto or cpu)")
+    if kind == "cuda" and index:  # accelerate places each process on its own GPU: cuda:N would be ignored
+        raise ValueError(f"train.device={name}: pick the GPU with CUDA_VISIBLE_DEVICES={index} and train.device=cuda "
+                         "(accelerate gives each process its own GPU)")
     return name
 
 

@@ -193,7 +193,7 @@ def train(cfg: Config, output: Path, *, resume: bool = False, accelerator: Optio
                             break
                         if state["step"] % t.log_every == 0:
                             step_loss = loss.item()  # a host sync: only every log_every steps
-                            accelerator.log({"train/loss": step_loss, "lr": scheduler.get_last_lr()[0]}, step=state["step"])
+                            accelerator.log({"train/loss_step": step_loss, "lr": scheduler.get_last_lr()[0]}, step=state["step"])
                             info = f"loss {step_loss:.3f}  {seen * world / (time.perf_counter() - t0):,.0f} img/s"
                     bar.advance(state["step"], info)
                     if state["step"] >= min(total_steps, epoch_start + steps_per_epoch):
