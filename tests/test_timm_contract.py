@@ -5,6 +5,7 @@ timm and points TIMM_TESTS_DIR at its tests/ folder. Elsewhere these skip with t
 """
 import importlib.util
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -34,8 +35,10 @@ def test_timm_generic_model_tests_pass():
 
 
 @pytest.fixture(scope="module")
-def timm_test_models():
+def timm_test_models(request):
     # timm selects its intermediates tests by model module, a list tinycnn is not on: call them directly
+    for name in sorted(set(re.findall(r"pytest\.mark\.(\w+)", TIMM_TESTS.read_text()))):
+        request.config.addinivalue_line("markers", f"{name}: timm's own")  # its marks, under --strict-markers
     sys.path.insert(0, str(TIMM_TESTS.parent))
     spec = importlib.util.spec_from_file_location("timm_test_models", TIMM_TESTS)
     module = importlib.util.module_from_spec(spec)
