@@ -5,7 +5,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_state import tiny_shards  # noqa: F401  (a fixture: synthetic shards, shared)
 
 REPO = Path(__file__).resolve().parents[1]
 SOURCES = sorted([*(REPO / "tinycnn").rglob("*.py"), *(REPO / "recipes").rglob("*.py")])
