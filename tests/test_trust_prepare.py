@@ -27,6 +27,8 @@ from tinycnn.prepare import PrepareError, check, download, downloader, ensure_pr
 from tinycnn.prepare.check import check_jpeg
 from tinycnn.tar import tar_samples
 
+from test_prepare import write_dir, write_zip  # the source layouts, written as a zip or a folder
+
 TOP = "tiny-imagenet-200/"
 WNIDS = ["n01000000", "n02000000", "n03000000"]
 _MIB = 1 << 20
@@ -55,20 +57,6 @@ def synthetic(n_train=3, n_val=1):
             v += 1
     files[TOP + "val/val_annotations.txt"] = ("\n".join(ann) + "\n").encode()
     return files
-
-
-def write_zip(files, path):
-    with zipfile.ZipFile(path, "w") as z:
-        for name, data in files.items():
-            z.writestr(name, data)
-    return path
-
-
-def write_dir(files, root):
-    for name, data in files.items():
-        (root / name).parent.mkdir(parents=True, exist_ok=True)
-        (root / name).write_bytes(data)
-    return root
 
 
 def quick(source, out, **kw):
