@@ -192,39 +192,30 @@ class Bench:
 
 def make_step(*, channels_last: bool, bf16: bool, compiled: bool = False, augment: bool = False,
               compile_augment="auto", **model_kwargs):
-    """tinycnn.step.TrainStep, what training runs, with the recipe's defaults: fused AdamW (lr, weight decay,
-    betas of tinycnn.config.TrainConfig), label smoothing 0.1; the default model unless model_kwargs say otherwise.
+    """tinycnn.step.TrainStep as training builds it (tinycnn.plan.build_training) from the recipe's defaults:
+    timm's fused AdamW, label smoothing 0.1; the default model unless model_kwargs say otherwise.
 
     augment=False: the step takes normalized float batches (the step alone); True: uint8 batches and a
     GPUAugment on the device (its apply compiled per compile_augment: "auto" = on CUDA, the library default).
     Returns (step(x, y) -> loss, model, optimizer)."""
-    import timm
+    import json
 
-    import tinycnn  # noqa: F401  (registers the models with timm)
-    from tinycnn.augment import GPUAugment
-    from tinycnn.config import TrainConfig
-    from tinycnn.step import TrainStep
+    from tinycnn.config import load_config
+    from tinycnn.plan import build_training
 
-    model = timm.create_model("tinycnn", **model_kwargs).to(DEVICE)
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    model.train()
-    recipe = TrainConfig()
-    opt = recipe.optimizer
-    kwargs = dict(lr=opt.lr, weight_decay=opt.weight_decay, betas=tuple(opt.betas))
-    try:
-        optimizer = torch.optim.AdamW(model.parameters(), fused=True, **kwargs)
-    except RuntimeError:  # no fused kernel for this device in this torch
-        optimizer = torch.optim.AdamW(model.parameters(), **kwargs)
-    aug = GPUAugment.for_model(model, channels_last=channels_last).to(DEVICE) if augment else None
-    step = TrainStep(model, optimizer, augment=aug, label_smoothing=recipe.label_smoothing,
-                     mixed_precision="bf16" if bf16 else "no", compile=compiled, compile_augment=compile_augment)
+    overrides = [f"train.channels_last={str(channels_last).lower()}", f"train.compile={str(compiled).lower()}",
+                 f"train.mixed_precision={'bf16' if bf16 else 'no'}"]
+    num_classes = model_kwargs.pop("num_classes", 200)
+    overrides += [f"{key}={json.dumps(value)}" for key, value in model_kwargs.items()]
+    cfg = load_config(None, overrides)
+    run = build_training(cfg, num_classes, device=DEVICE, augment=augment,
+                         compile_augment=compile_augment)
 
-    def run(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return step(x, y)[0]
+    def step(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return run.step(x, y)[0]
 
-    run.train_step = step
-    return run, model, optimizer
+    step.train_step = run.step
+    return step, run.model, run.optimizer
 
 
 def optimizer_steps(optimizer: torch.optim.Optimizer) -> int:

@@ -26,8 +26,7 @@ import timm  # noqa: E402
 import tinycnn  # noqa: E402,F401  (registers the models)
 from tinycnn.config import load_config, parse_value  # noqa: E402
 from tinycnn.data import build_loader  # noqa: E402
-from tinycnn.plan import RunPlan, build_augment, build_optimizer  # noqa: E402
-from tinycnn.step import TrainStep  # noqa: E402
+from tinycnn.plan import build_training  # noqa: E402
 from tinycnn.train import train  # noqa: E402
 
 
@@ -53,11 +52,17 @@ def macs_per_image(model: torch.nn.Module) -> float:
     return counter.get_total_flops() / 2
 
 
-def train_step_rate(model, cfg, images, labels, batch: int, seconds: float = 6.0) -> float:
-    """Images/s of the library's train step (augment -> forward -> loss -> backward -> AdamW), best of 3."""
-    plan = RunPlan.from_config(cfg)
-    step = TrainStep(model.train(), build_optimizer(model, cfg.train.optimizer, plan),
-                     augment=build_augment(cfg, plan, model), label_smoothing=plan.label_smoothing)
+def model_config(cfg, name: str, kwargs):
+    """cfg with `name` as its model: the config's widths/depths would apply to every tinycnn name, so null means the
+    named variant's own, then the spec's key=values."""
+    overrides = [f"model={name}", "stage_channels=null", "stage_repeats=null"]
+    return cfg.replace(overrides + [f"{k}={json.dumps(v)}" for k, v in kwargs.items()])
+
+
+def train_step_rate(cfg, num_classes: int, images, labels, batch: int, seconds: float = 6.0) -> float:
+    """Images/s of the train step training builds (tinycnn.plan.build_training: augment -> forward -> loss ->
+    backward -> optimizer), best of 3."""
+    step = build_training(cfg, num_classes, device="cpu").step
     x, y = images[:batch], labels[:batch]
     step(x, y)  # warm-up
     best = 0.0
@@ -72,11 +77,7 @@ def train_step_rate(model, cfg, images, labels, batch: int, seconds: float = 6.0
 
 def train_run(name: str, kwargs, config: str, data: Path, out: Path, epochs: int):
     """tinycnn.train.train with `name` as the model; returns (summary, wall seconds)."""
-    overrides = [f"data.root={data}", f"train.epochs={epochs}", f"model={name}"]
-    # the config's widths/depths would apply to every tinycnn name: null = the named variant's own
-    overrides += ["stage_channels=null", "stage_repeats=null"]
-    overrides += [f"{k}={json.dumps(v)}" for k, v in kwargs.items()]
-    run_cfg = load_config(config, overrides)
+    run_cfg = model_config(load_config(config, [f"data.root={data}", f"train.epochs={epochs}"]), name, kwargs)
     t0 = time.perf_counter()
     summary = train(run_cfg, out, progress=False)
     return summary, time.perf_counter() - t0
@@ -101,9 +102,10 @@ def main():
     for spec in args.models:
         name, kwargs = parse_model(spec)
         model = create(name, kwargs, num_classes)
+        spec_cfg = model_config(cfg, name, kwargs)
         row = {"model": spec, "params": sum(p.numel() for p in model.parameters()), "macs": macs_per_image(model),
-               "img_s_b64": train_step_rate(model, cfg, images, labels, 64),
-               "img_s_b128": train_step_rate(create(name, kwargs, num_classes), cfg, images, labels, 128)}
+               "img_s_b64": train_step_rate(spec_cfg, num_classes, images, labels, 64),
+               "img_s_b128": train_step_rate(spec_cfg, num_classes, images, labels, 128)}
         if not args.no_train:
             summary, wall = train_run(name, kwargs, args.config, Path(args.data), Path(args.out) / spec.replace(":", "_"),
                                       args.epochs)

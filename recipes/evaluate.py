@@ -18,7 +18,7 @@ _CHECKOUT = Path(__file__).resolve().parents[1]
 if (_CHECKOUT / "tinycnn" / "__init__.py").is_file():  # run from a checkout without installing
     sys.path.insert(0, str(_CHECKOUT))
 
-from tinycnn.recipe import relaunch_multi_cpu, run_main  # noqa: E402
+from tinycnn.cli import relaunch_multi_cpu, run_main  # noqa: E402
 
 
 def main() -> int:
@@ -78,7 +78,7 @@ def main() -> int:
             table.add_row(str(c["index"]), c["wnid"], c["name"][:40], acc, str(c["num_samples"]))
         console.print(table)
         if args.json:
-            from tinycnn.weights import atomic_write
+            from tinycnn.files import atomic_write
 
             Path(args.json).parent.mkdir(parents=True, exist_ok=True)
             atomic_write(args.json, lambda tmp: Path(tmp).write_text(json.dumps(results, indent=1)))

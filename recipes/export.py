@@ -18,7 +18,7 @@ _CHECKOUT = Path(__file__).resolve().parents[1]
 if (_CHECKOUT / "tinycnn" / "__init__.py").is_file():  # run from a checkout without installing
     sys.path.insert(0, str(_CHECKOUT))
 
-from tinycnn.recipe import run_main  # noqa: E402
+from tinycnn.cli import run_main  # noqa: E402
 
 
 def main() -> int:

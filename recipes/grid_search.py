@@ -1,23 +1,35 @@
 #!/usr/bin/env python
-"""Grid search (step 4 of the workflow): lr x weight_decay x stage_channels x stage_repeats from the
-config's `grid` section, each combination trained for grid.epochs epochs with the same seed.
+"""Grid search (step 4 of the workflow) as an Optuna study: lr x weight_decay x stage_channels x stage_repeats
+from the config's `grid` section, each point trained for grid.epochs epochs with the same seed.
 
-    python recipes/grid_search.py                                   # 3 x 2 x 2 x 3 = 36 runs of 3 epochs
+    python recipes/grid_search.py                                   # 3 x 2 x 2 x 3 = 36 trials of 3 epochs
     python recipes/grid_search.py grid.lr=[0.001,0.003] grid.epochs=5 --output checkpoints/gs2
-    python recipes/grid_search.py --gpus 0,1,2,3                    # one process per GPU, runs i::4 each
-    python recipes/grid_search.py --part 1/4                        # one slice (e.g. one cluster job) ...
-    python recipes/grid_search.py --merge                           # ... and the table of every slice
+    python recipes/grid_search.py --gpus 0,1,2,3                    # 4 workers, one per GPU
+    python recipes/grid_search.py --workers 2                       # 2 workers on the CPU
+    python recipes/grid_search.py --sampler tpe --n-trials 20 --pruner median   # TPE over the grid's ranges
+    python recipes/grid_search.py --storage postgresql://user@db/tinycnn        # on every machine: workers
+    python recipes/grid_search.py --storage /shared/gs/journal.log              # ... or a journal file
+    optuna-dashboard sqlite:///checkpoints/grid_search/study.db                 # watch the study
 
-Each run goes to OUTPUT/gs_<index>_lr=.._wd=.._ch=..-..-.._rep=..-..-.. (a train.py run folder: metrics.jsonl,
-best.safetensors, tb/). Runs go one after another; re-running the same command skips the finished runs
-and resumes an interrupted one. After every run the table sorted by best val accuracy is written to
-OUTPUT/results.md, OUTPUT/results.csv and OUTPUT/results.json (per part: results-part-<i>-of-<N>.*),
-and each run's hparams and metrics to its tb/ folder for TensorBoard's HParams view
-(tensorboard --logdir OUTPUT). A run whose loss goes NaN is marked diverged and the grid goes on.
-OUTPUT is locked while a grid (not a --part of one) trains into it: a second grid there stops at once. A run
-folder holding a run with another config is an error unless --overwrite (train it again).
+The default sampler, grid, tries every point (optuna's GridSampler); --sampler tpe searches the same ranges
+for --n-trials trials (lr and weight decay between the grid's smallest and largest values, widths and depths
+among its options); --pruner median stops trials whose val accuracy after an epoch falls behind the others'
+(optuna's MedianPruner). The study is stored in OUTPUT/study.db (SQLite) unless --storage gives a database URL
+(anything with "://") or the path of a journal file (for a filesystem shared by several machines). Any number
+of workers, on this machine (--gpus, --workers) or others (the same command, the same --storage), take trials
+until the study is done. With a database a worker that dies, even killed, leaves its trial to another worker
+after --grace-period seconds; a journal file has no heartbeat: such a trial is taken again when the command is
+run again. A trial that ran before is never trained again.
+
+Each trial trains OUTPUT/gs_<index>_lr=.._wd=.._ch=..-..-.._rep=..-..-.. (a train.py run folder: metrics.jsonl,
+best.safetensors, tb/) in a train.py process of its own (log: OUTPUT/logs/<name>.log). Re-running the same
+command continues the study: stopped runs resume from their saved state. After every trial the table sorted by
+best val accuracy is written to OUTPUT/results.md, OUTPUT/results.csv and OUTPUT/results.json, and the run's
+hparams and metrics to its tb/ folder for TensorBoard's HParams view (tensorboard --logdir OUTPUT). A run whose
+loss goes NaN is marked diverged and the study goes on. Ctrl-C or SIGTERM stops the running trial (it saves its
+state) and the worker. A run folder holding a run with another config (or a study of another config) is an
+error unless --overwrite. Needs optuna: pip install "tinycnn[sweep]".
 """
-import os
 import sys
 from pathlib import Path
 
@@ -25,7 +37,7 @@ _CHECKOUT = Path(__file__).resolve().parents[1]
 if (_CHECKOUT / "tinycnn" / "__init__.py").is_file():  # run from a checkout without installing
     sys.path.insert(0, str(_CHECKOUT))
 
-from tinycnn.recipe import config_from_args, ensure_data, recipe_parser, relaunch_multi_cpu, run_main  # noqa: E402
+from tinycnn.cli import config_from_args, ensure_data, recipe_parser, relaunch_multi_cpu, run_main  # noqa: E402
 
 DEFAULT_CONFIG = str(Path(__file__).parent / "configs" / "grid_search.yaml")
 
@@ -33,70 +45,86 @@ DEFAULT_CONFIG = str(Path(__file__).parent / "configs" / "grid_search.yaml")
 def main() -> int:
     parser = recipe_parser(__doc__, DEFAULT_CONFIG, output_default="checkpoints/grid_search")
     parser.set_defaults(resume=False)
-    parser.add_argument("--gpus", help="comma-separated GPU ids: one process per GPU (CUDA_VISIBLE_DEVICES), "
-                                       "each running a part of the grid, then one merged table")
-    parser.add_argument("--part", help="i/N: run only runs i, i+N, i+2N, ... (0 <= i < N)")
-    parser.add_argument("--merge", action="store_true", help="train nothing: write the table of every run in OUTPUT")
+    parser.add_argument("--sampler", choices=("grid", "tpe"), default="grid",
+                        help="grid: every point of the grid (default); tpe: TPE over the grid's ranges")
+    parser.add_argument("--n-trials", "--n_trials", type=int, dest="n_trials",
+                        help="trials of the whole study (needed by --sampler tpe)")
+    parser.add_argument("--pruner", choices=("none", "median"), default="none",
+                        help="median: stop trials whose val accuracy falls behind after an epoch (MedianPruner)")
+    parser.add_argument("--storage", metavar="URL",
+                        help="the study's storage: a database URL (sqlite:///..., postgresql://...) or the path of a "
+                             "journal file (default: sqlite:///OUTPUT/study.db)")
+    parser.add_argument("--study-name", "--study_name", dest="study_name",
+                        help="the study's name in the storage (default: grid_search, grid_search_tpe)")
+    parser.add_argument("--gpus", help="comma-separated GPU ids: one worker per GPU (CUDA_VISIBLE_DEVICES)")
+    parser.add_argument("--workers", type=int, help="N workers on the CPU")
+    parser.add_argument("--heartbeat-interval", "--heartbeat_interval", type=int, default=60, dest="heartbeat_interval",
+                        help="seconds between a running trial's heartbeats in a database (default: %(default)s)")
+    parser.add_argument("--grace-period", "--grace_period", type=int, default=None, dest="grace_period",
+                        help="seconds without a heartbeat after which another worker takes the trial over "
+                             "(default: twice the heartbeat interval)")
     parser.add_argument("--top", type=int, default=None, help="print only the N best runs")
     args = parser.parse_intermixed_args()
     relaunch_multi_cpu()
     cfg = config_from_args(args)
 
+    from tinycnn.config import ConfigError
+    from tinycnn.workflow import grid
+
+    grid.import_optuna()  # one line without it, before anything
+    for flag, value in (("--heartbeat-interval", args.heartbeat_interval), ("--grace-period", args.grace_period),
+                        ("--workers", args.workers), ("--n-trials", args.n_trials), ("--top", args.top)):
+        if value is not None and value < 1:
+            raise ConfigError(f"{flag} takes a positive whole number, got {value}")
+    if args.gpus and args.workers:
+        raise ConfigError("use one of --gpus and --workers")
+    grid.grid_plan(cfg)  # errors in the grid before anything starts
+
     from rich.console import Console
 
-    from tinycnn import grid
+    from tinycnn.runs import RunFolderError, folder_kind, mark_folder
 
     console = Console()
     output = Path(args.output)
-    plan = grid.grid_plan(cfg)  # errors in the grid before anything starts
-    part = grid.parse_part(args.part) if args.part else None
-    if sum(bool(x) for x in (args.gpus, args.part, args.merge)) > 1:
-        raise ValueError("use one of --gpus, --part and --merge")
+    kind = folder_kind(output)
+    if kind not in (None, "grid"):
+        raise RunFolderError(f"{output} holds a tinycnn {kind} output, not a grid search: choose another --output")
+    ensure_data(cfg)  # once, before any worker starts
+    output.mkdir(parents=True, exist_ok=True)
+    mark_folder(output, "grid")  # a folder that holds anything else stays unmarked
+    search = dict(sampler=args.sampler, n_trials=args.n_trials, pruner=args.pruner, storage=args.storage,
+                  study_name=args.study_name)
+    title = f"{'grid search' if args.sampler == 'grid' else args.sampler.upper() + ' search'}"
+    if args.gpus or args.workers:
+        gpus = [g.strip() for g in args.gpus.split(",") if g.strip()] if args.gpus else None
+        if args.gpus and not gpus:
+            raise ConfigError(f"--gpus takes comma-separated GPU ids, got {args.gpus!r}")
+        # the storage and the study made once, before the workers start together
+        store = grid.make_storage(args.storage or grid.default_storage(output), heartbeat_interval=None)
+        name = args.study_name or grid.default_study_name(args.sampler)
+        study = grid.open_study(store, name, cfg, sampler=args.sampler, pruner=args.pruner, overwrite=args.overwrite)
+        argv = [a for a in sys.argv[1:] if a != "--overwrite"]  # done here: the workers join the new study
+        codes = grid.launch_workers(Path(__file__).resolve(), argv, output, gpus=gpus, workers=args.workers or 1,
+                                    console=console)
+        from tinycnn.storage import read_manifest
 
-    from tinycnn.runs import RunLock, mark_folder
-
-    # the grid as a whole is locked by the process that owns it (parts lock each run folder they train)
-    is_main = int(os.environ.get("RANK", "0")) == 0
-    lock = RunLock(output).acquire() if part is None and is_main else None
-    if lock is not None:
-        mark_folder(output, "grid")  # a folder that holds anything else stays unmarked
-    if args.gpus or args.merge:
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            raise ValueError("--gpus and --merge start no distributed run: use python, not accelerate launch")
-        ensure_data(cfg)  # once, before the parts start
-        if args.gpus:
-            gpus = [g.strip() for g in args.gpus.split(",") if g.strip()]
-            if not gpus:
-                raise ValueError(f"--gpus takes comma-separated GPU ids, got {args.gpus!r}")
-            codes = grid.launch_parts(Path(__file__).resolve(), sys.argv[1:], gpus, output, console=console)
-        results = grid.collect_results(cfg, output, plan)
-        grid.write_results(results, output, "results", grid.results_meta(cfg, plan))
-        grid.print_results(results, console, title=f"grid search: {len(plan)} runs, by best val accuracy", top=args.top)
-        console.print(f"tables: {output / 'results.md'}, {output / 'results.csv'}, {output / 'results.json'}",
-                      highlight=False)
-        if args.gpus and any(codes):
-            raise RuntimeError(f"{sum(1 for c in codes if c)} of {len(codes)} parts failed (see {output / 'logs'}); "
-                               "run the same command again to continue the grid")
+        results = grid.study_results(study, cfg, output, sampler=args.sampler,
+                                     num_classes=read_manifest(cfg.data.root)["num_classes"])
+        _print(grid, console, results, output, title, args.top)
+        if any(codes):
+            raise grid.SearchError(f"{sum(1 for c in codes if c)} of {len(codes)} workers failed (see {output / 'logs'}); "
+                               "run the same command again to continue the study")
         return 0
-
-    from tinycnn.device import make_accelerator
-
-    accelerator = make_accelerator(cfg, log=False)
-    ensure_data(cfg, accelerator)
-    results = grid.run_grid(cfg, output, part=part, progress=not args.no_progress, console=console,
-                            overwrite=args.overwrite)
-    if accelerator.is_main_process:
-        stem = f"results-part-{part[0]}-of-{part[1]}" if part else "results"
-        grid.print_results(results, console, title=f"grid search{f' part {args.part}' if part else ''}: "
-                                                   f"{len(results)} runs, by best val accuracy", top=args.top)
-        console.print(f"tables: {output / (stem + '.md')}, {output / (stem + '.csv')}, {output / (stem + '.json')}",
-                      highlight=False)
-    if accelerator.num_processes > 1:
-        accelerator.wait_for_everyone()
-        accelerator.state.destroy_process_group()
-    if lock is not None:
-        lock.release()
+    results = grid.run_grid(cfg, output, progress=not args.no_progress, console=console, overwrite=args.overwrite,
+                            heartbeat_interval=args.heartbeat_interval, grace_period=args.grace_period, **search)
+    _print(grid, console, results, output, title, args.top)
     return 0
+
+
+def _print(grid, console, results, output, title, top):
+    grid.print_results(results, console, title=f"{title}: {len(results)} runs, by best val accuracy", top=top)
+    console.print(f"tables: {output / 'results.md'}, {output / 'results.csv'}, {output / 'results.json'}; "
+                  f"study: {output / 'study.db'} unless --storage", highlight=False, soft_wrap=True)
 
 
 def cli():

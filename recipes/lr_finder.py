@@ -21,7 +21,7 @@ _CHECKOUT = Path(__file__).resolve().parents[1]
 if (_CHECKOUT / "tinycnn" / "__init__.py").is_file():  # run from a checkout without installing
     sys.path.insert(0, str(_CHECKOUT))
 
-from tinycnn.recipe import (claim_output, config_from_args, ensure_data, recipe_parser,  # noqa: E402
+from tinycnn.cli import (claim_output, config_from_args, ensure_data, recipe_parser,  # noqa: E402
                             relaunch_multi_cpu, release_output, run_main)
 
 DEFAULT_CONFIG = str(Path(__file__).parent / "configs" / "lr_finder.yaml")
@@ -42,7 +42,7 @@ def main() -> int:
     from rich.console import Console
 
     from tinycnn.device import make_accelerator
-    from tinycnn.lr_finder import find_lr
+    from tinycnn.workflow.lr_finder import find_lr
 
     accelerator = make_accelerator(cfg.replace(["train.grad_accum_steps=1"]), log=False)
     ensure_data(cfg, accelerator)

@@ -27,7 +27,7 @@ _CHECKOUT = Path(__file__).resolve().parents[1]
 if (_CHECKOUT / "tinycnn" / "__init__.py").is_file():  # run from a checkout without installing
     sys.path.insert(0, str(_CHECKOUT))
 
-from tinycnn.recipe import claim_output, release_output, run_main  # noqa: E402
+from tinycnn.cli import claim_output, release_output, run_main  # noqa: E402
 
 
 def main() -> int:
@@ -45,7 +45,7 @@ def main() -> int:
 
     from rich.console import Console
 
-    from tinycnn.report import write_report
+    from tinycnn.workflow.report import write_report
 
     console = Console()
     output, lock = claim_output(args.output, args, what="report",

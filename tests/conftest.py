@@ -102,7 +102,7 @@ def load_recipe(name):
 
 
 def _run_recipe(name, *args):
-    from tinycnn import recipe
+    from tinycnn import cli as recipe
 
     argv = [f"recipes/{name}.py", *map(str, args)]
     out, err = io.StringIO(), io.StringIO()

@@ -226,7 +226,7 @@ def test_push_uploads_what_hf_hub_loads(odd_weights, tmp_path, monkeypatch):
 
 
 def _run_cli(monkeypatch, capsys, *args):
-    from tinycnn.recipe import run_main
+    from tinycnn.cli import run_main
     from tinycnn.recipes import export
 
     monkeypatch.setattr(sys, "argv", ["tinycnn-export", *map(str, args)])

@@ -1,14 +1,23 @@
-"""Grid search (tinycnn.grid, recipes/grid_search.py): naming and planning, reading results back, and the
-recipe on the 10-class sample with a 2-stage 8/16-channel model and a handful of steps."""
+"""Grid search (tinycnn.workflow.grid, recipes/grid_search.py): naming and planning, reading results back, the Optuna
+study (params checked, storages, refusals), and workers on the 10-class sample with a 2-stage 8/16-channel model and a
+handful of steps: two worker processes on one SQLite study, a killed worker, a stopped one."""
 import csv
 import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
 import yaml
 
-from tinycnn import grid
-from tinycnn.config import load_config
+from tinycnn.config import ConfigError, load_config
+from tinycnn.runs import RunFolderError
+from tinycnn.workflow import grid
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -54,20 +63,6 @@ def test_grid_plan_rejects_bad_grids():
     plan = grid.grid_plan(load_config(overrides=["grid.stage_channels=[8,16]", "grid.stage_repeats=[[1,1]]",
                                                  "grid.lr=0.01", "grid.weight_decay=[0]"]))
     assert [r.name for r in plan] == ["gs_000_lr=0.01_wd=0_ch=8-16_rep=1-1"]
-
-
-def test_parts_split_the_plan_and_child_arguments():
-    plan = grid.grid_plan(load_config())
-    assert grid.parse_part("1/4") == (1, 4)
-    for bad in ("4/4", "-1/2", "1", "a/b", "0/0"):
-        with pytest.raises(ValueError, match="i/N"):
-            grid.parse_part(bad)
-    parts = [grid.select_part(plan, (i, 4)) for i in range(4)]
-    assert sorted(r.index for p in parts for r in p) == list(range(36))
-    assert [r.index for r in parts[1]] == list(range(1, 36, 4))
-    assert grid.select_part(plan, None) == plan
-    argv = ["--gpus", "0,1", "--output", "o", "--part=1/2", "--gpus=2", "grid.epochs=1", "--part", "0/3"]
-    assert grid.child_argv(argv) == ["--output", "o", "grid.epochs=1"]
 
 
 def _result(index, acc, loss, status="finished"):
@@ -155,18 +150,13 @@ def test_load_results_reads_the_tables_else_the_run_folders(tmp_path):
                                              (2, 1, 0.01, 0.25, 2, "finished", None),
                                              (3, 2, 0.1, 0.05, 1, "diverged", "loss is nan")]
     rows = folders["results"]
-    # the tables once written: results.csv, then the parts' tables merged, then results.json
+    # the tables once written: results.csv, then results.json
     grid.write_results(rows, tmp_path)
     (tmp_path / "results.json").unlink()
     from_csv = grid.load_results(tmp_path)
     assert from_csv["source"] == "results.csv"
     for key in grid.RESULT_COLUMNS:
         assert [r[key] for r in from_csv["results"]] == [r[key] for r in rows], key
-    grid.write_results(rows[:1], tmp_path, "results-part-0-of-2", meta={"base": {"seed": 3}})
-    grid.write_results(rows[1:], tmp_path, "results-part-1-of-2", meta={"base": {"seed": 3}})
-    parts = grid.load_results(tmp_path)
-    assert parts["source"] == "results-part-0-of-2.json, results-part-1-of-2.json" and parts["base"] == {"seed": 3}
-    assert [r["name"] for r in parts["results"]] == [r["name"] for r in rows]
     grid.write_results(rows[:2], tmp_path, meta={"runs_planned": 3})
     whole = grid.load_results(tmp_path)
     assert whole["source"] == "results.json" and whole["runs_planned"] == 3 and len(whole["results"]) == 2
@@ -179,91 +169,290 @@ def test_best_record_is_the_first_of_the_best():
     assert grid.best_record(records[:1]) is None and grid.best_record([]) is None
 
 
-# ============================================================================= the recipe on the sample
+# ============================================================================= the study: params, storage, refusals
 
-GRID = ["grid.lr=[0.001,0.02]", "grid.weight_decay=[1e-4]", "grid.stage_channels=[[8,16]]",
-        "grid.stage_repeats=[[1,1]]", "grid.epochs=1", "train.batch_size=32", "train.max_steps=3",
+SMALL = ["grid.lr=[0.001,0.02]", "grid.weight_decay=[0,1e-4]", "grid.stage_channels=[[8,16],[16,32]]",
+         "grid.stage_repeats=[[1,1]]"]
+
+
+def test_trial_params_are_checked_against_the_grid():
+    cfg = load_config(overrides=SMALL)
+    plan = grid.grid_plan(cfg)
+    assert grid.search_space(plan) == {"lr": [0.001, 0.02], "weight_decay": [0.0, 1e-4],
+                                       "stage_channels": ["8-16", "16-32"], "stage_repeats": ["1-1"]}
+    point = {"lr": 0.02, "weight_decay": 0.0, "stage_channels": "16-32", "stage_repeats": "1-1"}
+    assert grid.trial_run(point, plan, "grid", 99) == plan[5]  # a grid point keeps its index in the plan
+    for bad in ({**point, "lr": 0.03}, {**point, "stage_channels": "8-16-32"}, {"lr": 0.02}, {**point, "lr": "x"}):
+        with pytest.raises(ValueError, match="trial params"):
+            grid.trial_run(bad, plan, "grid", 0)
+    run = grid.trial_run({**point, "lr": 0.0123}, plan, "tpe", 7)  # TPE: within the grid's ranges
+    assert run.name == "gs_007_lr=0.0123_wd=0_ch=16-32_rep=1-1" and run.stage_channels == (16, 32)
+    assert grid.run_config(cfg, run).train.optimizer.lr == 0.0123
+    for bad, index in (({**point, "lr": 0.5}, 1), ({**point, "weight_decay": -1.0}, 1), ({**point, "lr": math.nan}, 1),
+                       ({**point, "stage_repeats": "../x"}, 1), (point, -1), (point, "3"), (point, True)):
+        with pytest.raises(ValueError, match="outside this grid"):
+            grid.trial_run(bad, plan, "tpe", index)
+
+
+def test_without_optuna_the_search_says_how_to_install_it(monkeypatch, run_recipe):
+    monkeypatch.setitem(sys.modules, "optuna", None)  # import optuna raises ImportError
+    with pytest.raises(ConfigError, match=r'^the grid search runs an Optuna study: pip install "tinycnn\[sweep\]"$'):
+        grid.import_optuna()
+    proc = run_recipe("grid_search", "--output", "/nonexistent/gs")
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        'error: the grid search runs an Optuna study: pip install "tinycnn[sweep]"']
+
+
+def test_storages_and_the_study_of_another_config(tmp_path):
+    optuna = pytest.importorskip("optuna")
+    db = grid.make_storage(grid.default_storage(tmp_path), heartbeat_interval=5)
+    assert isinstance(db, optuna.storages.RDBStorage) and db.heartbeat_interval == 5
+    assert db.url == f"sqlite:///{tmp_path.resolve() / 'study.db'}"
+    journal = grid.make_storage(str(tmp_path / "shared" / "journal.log"))
+    assert isinstance(journal, optuna.storages.JournalStorage) and (tmp_path / "shared" / "journal.log").is_file()
+    with pytest.raises(ConfigError, match=r"^--storage nosuchdb://user:\*\*\*@host/x: "):
+        grid.make_storage("nosuchdb://user:secret@host/x")
+    cfg = load_config(overrides=SMALL)
+    study = grid.open_study(db, "s", cfg)
+    assert grid.open_study(db, "s", cfg)._study_id == study._study_id  # a second worker joins it
+    other = cfg.replace(["train.seed=1"])
+    with pytest.raises(ConfigError, match="searches another config or sampler"):
+        grid.open_study(db, "s", other)
+    with pytest.raises(ConfigError, match="searches another config or sampler"):
+        grid.open_study(db, "s", cfg, sampler="tpe")
+    assert grid.open_study(db, "s", other, overwrite=True).user_attrs["tinycnn"]["config"]["train.seed"] == 1
+    foreign = optuna.create_study(study_name="theirs", storage=db)
+    foreign.add_trial(optuna.create_trial(value=1.0, params={"x": 1.0},
+                                          distributions={"x": optuna.distributions.FloatDistribution(0, 2)}))
+    for overwrite in (False, True):
+        with pytest.raises(ConfigError, match="was not made by tinycnn's grid search"):
+            grid.open_study(db, "theirs", cfg, overwrite=overwrite)
+    assert len(optuna.load_study(study_name="theirs", storage=db).trials) == 1  # never deleted
+
+
+def test_worker_arguments():
+    argv = ["--gpus", "0,1", "--output", "o", "--workers=2", "grid.epochs=1", "--workers", "3", "--top", "2"]
+    assert grid.worker_argv(argv) == ["--output", "o", "grid.epochs=1", "--top", "2"]
+
+
+def test_a_run_folder_of_another_config_is_refused_before_anything(sample_shards, tmp_path):
+    cfg = load_config(REPO / "recipes" / "configs" / "grid_search.yaml", [f"data.root={sample_shards}", *GRID])
+    run = grid.grid_plan(cfg)[1]
+    d = tmp_path / run.name
+    d.mkdir()
+    (d / "config.yaml").write_text(yaml.safe_dump(grid.run_config(cfg.replace(["train.seed=7"]), run).to_dict()))
+    (d / "metrics.jsonl").write_text(_epochs([0.5]))
+    with pytest.raises(RunFolderError, match="holds a run with another config"):
+        grid.run_grid(cfg, tmp_path, progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [run.name]  # no study, no run started
+
+
+# ============================================================================= workers on the sample
+
+GRID = ["grid.lr=[0.001,0.02,0.05]", "grid.weight_decay=[1e-4]", "grid.stage_channels=[[8,16]]",
+        "grid.stage_repeats=[[1,1],[2,2]]", "grid.epochs=1", "train.batch_size=32", "train.max_steps=3",
         "train.val_subset_size=96", "data.num_workers=0", "train.optimizer.name=adam", "train.scheduler.name=none"]
-NAMES = ["gs_000_lr=0.001_wd=1e-4_ch=8-16_rep=1-1", "gs_001_lr=0.02_wd=1e-4_ch=8-16_rep=1-1"]
+NAMES = ["gs_000_lr=0.001_wd=1e-4_ch=8-16_rep=1-1", "gs_001_lr=0.001_wd=1e-4_ch=8-16_rep=2-2",
+         "gs_002_lr=0.02_wd=1e-4_ch=8-16_rep=1-1", "gs_003_lr=0.02_wd=1e-4_ch=8-16_rep=2-2",
+         "gs_004_lr=0.05_wd=1e-4_ch=8-16_rep=1-1", "gs_005_lr=0.05_wd=1e-4_ch=8-16_rep=2-2"]
+
+
+def _trials(out, name="grid_search"):
+    optuna = pytest.importorskip("optuna")
+    return optuna.load_study(study_name=name, storage=grid.default_storage(out)).get_trials()
 
 
 @pytest.fixture(scope="module")
-def grid_run(sample_shards, tmp_path_factory):
-    out = tmp_path_factory.mktemp("grid")
+def study_run(sample_shards, tmp_path_factory, run_recipe):
+    """Two worker processes (--workers 2) on one SQLite study of 6 points."""
+    pytest.importorskip("optuna")
+    out = tmp_path_factory.mktemp("grid") / "gs"
+    proc = run_recipe("grid_search", "--workers", "2", "--data", sample_shards, "--output", out, *GRID)
     cfg = load_config(REPO / "recipes" / "configs" / "grid_search.yaml", [f"data.root={sample_shards}", *GRID])
-    results = grid.run_grid(cfg, out, progress=False)
-    return cfg, out, results
+    return cfg, out, proc
 
 
-def test_grid_search_on_sample(grid_run):
-    cfg, out, results = grid_run
-    assert sorted(r["name"] for r in results) == NAMES
-    assert all(r["status"] == "finished" and r["epochs"] == 1 and r["steps"] == 3 for r in results)
-    for name in NAMES:
+@pytest.mark.slow
+def test_two_workers_finish_the_grid_and_train_each_point_once(study_run):
+    cfg, out, proc = study_run
+    logs = "".join(p.read_text() for p in sorted((out / "logs").glob("worker-*.log")))
+    assert proc.returncode == 0, proc.stderr + logs
+    trials = _trials(out)
+    assert len(trials) == 6 and all(t.state.name == "COMPLETE" for t in trials)
+    assert sorted(t.user_attrs["run"] for t in trials) == NAMES  # no point asked twice
+    assert len({t.user_attrs["worker"] for t in trials}) == 2  # both workers took trials
+    for name in NAMES:  # each run trained once, by one child process
+        assert (out / "logs" / f"{name}.log").read_text().count("== trial") == 1
         records = [json.loads(line) for line in (out / name / "metrics.jsonl").read_text().splitlines()]
         assert len(records) == 1 and records[0]["step"] == 3
         assert (out / name / "tb" / "hparams").is_dir()
         saved = yaml.safe_load((out / name / "config.yaml").read_text())
-        assert saved["train"]["optimizer"]["lr"] == (0.001 if "lr=0.001" in name else 0.02)
-        assert saved["stage_channels"] == [8, 16]
+        assert saved["train"]["optimizer"]["lr"] == float(name.split("_lr=")[1].split("_")[0])
+        assert saved["stage_channels"] == [8, 16] and saved["train"]["epochs"] == 1
+
+
+@pytest.mark.slow
+def test_the_results_table_of_the_study(study_run):
+    cfg, out, proc = study_run
     rows = list(csv.DictReader((out / "results.csv").open()))
     keys = [(-float(r["val_accuracy"]), float(r["val_loss"])) for r in rows]  # equal accuracy: lower loss first
     assert keys == sorted(keys) and sorted(r["name"] for r in rows) == NAMES
-    assert [int(r["rank"]) for r in rows] == [1, 2]
-    by_name = {r["name"]: r for r in results}
-    for row in rows:
-        assert float(row["val_accuracy"]) == pytest.approx(by_name[row["name"]]["val_accuracy"])
-        assert float(row["val_loss"]) == pytest.approx(by_name[row["name"]]["val_loss"])
+    assert [int(r["rank"]) for r in rows] == list(range(1, 7)) and all(r["status"] == "finished" for r in rows)
+    by_trial = {t.user_attrs["run"]: t.value for t in _trials(out)}
+    for row in rows:  # the study's values are the table's, and the run folders'
+        assert float(row["val_accuracy"]) == pytest.approx(by_trial[row["name"]])
+        best = grid.best_record(grid.read_metrics(out / row["name"]))
+        assert float(row["val_accuracy"]) == pytest.approx(best["val/accuracy"])
+        assert float(row["val_loss"]) == pytest.approx(best["val/loss"])
     md = (out / "results.md").read_text()
     assert md.index(rows[0]["name"]) < md.index(rows[1]["name"])
-    assert json.loads((out / "results.json").read_text())["best"]["name"] == rows[0]["name"]
+    data = json.loads((out / "results.json").read_text())
+    assert data["best"]["name"] == rows[0]["name"] and data["study"]["sampler"] == "grid"
+    assert data["runs_planned"] == 6 and grid.short_name(int(rows[0]["index"])) in proc.stdout
+    loaded = grid.load_results(out)
+    assert [r["name"] for r in loaded["results"]] == [r["name"] for r in rows]
+    (out / "results.json").unlink()
+    (out / "results.csv").unlink()
+    from_study = grid.load_results(out)  # no tables: the run folders, with the statuses of the study
+    assert from_study["source"] == "the gs_* run folders and study.db"
+    assert [(r["name"], r["status"]) for r in from_study["results"]] == [(r["name"], "finished") for r in rows]
 
 
-def test_grid_search_skips_finished_runs(grid_run, monkeypatch):
-    cfg, out, results = grid_run
-    import tinycnn.train
+@pytest.mark.slow
+def test_a_finished_study_trains_nothing_again(study_run, monkeypatch):
+    cfg, out, proc = study_run
+    before = {name: (out / name / "metrics.jsonl").read_text() for name in NAMES}
 
     def no_training(*args, **kwargs):
         raise AssertionError("a finished run was trained again")
 
-    monkeypatch.setattr(tinycnn.train, "train", no_training)
+    monkeypatch.setattr(grid.subprocess, "Popen", no_training)
     again = grid.run_grid(cfg, out, progress=False)
-    assert [(r["name"], r["val_accuracy"]) for r in again] == [(r["name"], r["val_accuracy"]) for r in results]
-    # a part runs its slice only
-    part = grid.run_grid(cfg, out, part=(1, 2), progress=False)
-    assert [r["name"] for r in part] == [NAMES[1]]
-    assert (out / "results-part-1-of-2.md").is_file()
-    merged = grid.collect_results(cfg, out)
-    assert [r["name"] for r in merged] == [r["name"] for r in results]
+    assert [r["status"] for r in again] == ["finished"] * 6
+    # a new study over the same run folders: each trial finds its run done and records it without training
+    (out / "study.db").unlink()
+    fresh = grid.run_grid(cfg, out, progress=False)
+    assert [(r["name"], r["val_accuracy"], r["status"]) for r in fresh] == \
+        [(r["name"], r["val_accuracy"], r["status"]) for r in again]
+    assert {name: (out / name / "metrics.jsonl").read_text() for name in NAMES} == before
+    assert [t.state.name for t in _trials(out)] == ["COMPLETE"] * 6
 
 
-def test_grid_search_recipe_part_and_merge(grid_run, run_recipe):
-    """The command line a --gpus part process gets, then --merge: the merged table of every run folder."""
-    cfg, out, results = grid_run
-    (out / "results.md").unlink()
-    args = ["--data", cfg.data.root, "--output", str(out), "--gpus", "0,1", *GRID]
-    part = grid.child_argv(args) + ["--part", "0/2", "--no-progress"]
-    proc = run_recipe("grid_search", *part)
-    assert proc.returncode == 0, proc.stderr
-    printed = proc.stdout
-    assert f"{NAMES[0]}: finished before, skipped" in printed and NAMES[1] not in printed
-    rows = list(csv.DictReader((out / "results-part-0-of-2.csv").open()))
-    assert [r["name"] for r in rows] == [NAMES[0]]
-    assert not (out / "results.md").exists()
-    assert run_recipe("grid_search", *grid.child_argv(args), "--merge").returncode == 0
-    rows = list(csv.DictReader((out / "results.csv").open()))
-    assert [r["name"] for r in rows] == [r["name"] for r in results]
-    assert NAMES[0] in (out / "results.md").read_text()
+@pytest.mark.slow
+def test_a_diverged_run_is_recorded_and_the_study_goes_on(sample_shards, tmp_path):
+    """SGD with lr 1e6 and weight decay 1e6: the loss is NaN within 3 steps."""
+    pytest.importorskip("optuna")
+    cfg = load_config(REPO / "recipes" / "configs" / "grid_search.yaml",
+                      [f"data.root={sample_shards}", *GRID, "grid.lr=[1e6]", "grid.weight_decay=[1e6]",
+                       "grid.stage_repeats=[[1,1]]", "train.optimizer.name=sgd"])
+    results = grid.run_grid(cfg, tmp_path, progress=False)
+    assert [(r["name"], r["status"]) for r in results] == [("gs_000_lr=1e6_wd=1e6_ch=8-16_rep=1-1", "diverged")]
+    assert results[0]["error"].startswith("loss is nan")
+    [trial] = _trials(tmp_path)
+    assert trial.state.name == "FAIL" and trial.user_attrs["status"] == "diverged"
+    assert "loss is nan" in json.loads((tmp_path / results[0]["name"] / "grid_failed.json").read_text())["error"]
+    assert grid.run_grid(cfg, tmp_path, progress=False)[0]["status"] == "diverged"  # not trained again
+    assert (tmp_path / "logs" / f"{results[0]['name']}.log").read_text().count("== trial") == 1
 
 
-def test_launch_parts_runs_one_process_per_gpu(tmp_path):
-    script = tmp_path / "fake.py"
-    script.write_text("import json, os, sys\n"
-                      "print(json.dumps({'gpu': os.environ['CUDA_VISIBLE_DEVICES'], 'argv': sys.argv[1:]}))\n"
-                      "sys.exit(3 if '1/3' in sys.argv else 0)\n")
-    codes = grid.launch_parts(script, ["--gpus", "4,5,6", "--output", str(tmp_path), "a=1"], ["4", "5", "6"],
-                              tmp_path, console=None)
-    assert codes == [0, 3, 0]
-    for i, gpu in enumerate("456"):
-        seen = json.loads((tmp_path / "logs" / f"part-{i}-of-3.log").read_text())
-        assert seen == {"gpu": gpu, "argv": ["--output", str(tmp_path), "a=1", "--part", f"{i}/3", "--no-progress"]}
+def _wait(what, timeout=180, poll=0.05):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = what()
+        if value:
+            return value
+        time.sleep(poll)
+    raise AssertionError(f"timed out waiting for {what.__doc__ or what}")
+
+
+STOPPABLE = ["grid.lr=[0.001]", "grid.weight_decay=[1e-4]", "grid.stage_channels=[[8,16]]", "grid.epochs=3",
+             "train.batch_size=32", "data.train_split=val", "train.val_subset_size=32", "data.num_workers=0",
+             "train.optimizer.name=adam", "train.scheduler.name=none", "augment.enabled=false"]
+
+
+def _epoch_saved(run_dir, epoch=1):
+    """the run's epoch in metrics.jsonl and its state saved"""
+    return (any(r["epoch"] >= epoch for r in grid.read_metrics(run_dir))
+            and (run_dir / "state" / "progress.json").is_file())
+
+
+def _epochs_once(run_dir, epochs=3):
+    return [r["epoch"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())] == \
+        list(range(1, epochs + 1))
+
+
+@pytest.mark.slow
+def test_a_killed_worker_leaves_its_trial_to_the_other(sample_shards, tmp_path):
+    """Worker A is SIGKILLed mid-trial; worker B takes the trial over after the grace period and resumes its run."""
+    pytest.importorskip("optuna")
+    out = tmp_path / "gs"
+    args = [sys.executable, str(REPO / "recipes" / "grid_search.py"), "--data", str(sample_shards), "--output", str(out),
+            "--no-progress", "--heartbeat-interval", "1", "--grace-period", "2", *STOPPABLE,
+            "grid.stage_repeats=[[1,1],[2,2]]"]
+    a = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    b = None
+    try:
+        def running_trial_of_a():
+            """a trial of worker A"""
+            if not (out / "study.db").is_file():
+                return None
+            try:
+                trials = _trials(out)
+            except Exception:  # noqa: BLE001 - the study is being created
+                return None
+            return next((t for t in trials if t.state.name == "RUNNING" and "run" in t.user_attrs
+                         and t.user_attrs.get("worker", "").endswith(f":{a.pid}")), None)
+
+        killed = _wait(running_trial_of_a)
+        b = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        run_dir = out / killed.user_attrs["run"]
+        _wait(lambda: _epoch_saved(run_dir))
+        a.kill()
+        a.wait()
+        output = b.communicate(timeout=300)[0].decode()
+        assert b.returncode == 0, output
+    finally:
+        for p in (a, b):
+            if p is not None and p.poll() is None:
+                p.kill()
+                p.wait()
+    trials = _trials(out)
+    by_run = {}
+    for t in trials:
+        by_run.setdefault(t.user_attrs["run"], []).append(t)
+    assert sorted(by_run) == sorted(r.name for r in grid.grid_plan(load_config(overrides=STOPPABLE + [
+        "grid.stage_repeats=[[1,1],[2,2]]"])))
+    retried = by_run[killed.user_attrs["run"]]
+    assert [t.state.name for t in retried] == ["FAIL", "COMPLETE"]
+    assert retried[1].system_attrs["failed_trial"] == killed.number
+    assert retried[1].user_attrs["worker"].endswith(f":{b.pid}")
+    assert all(t.state.name == "COMPLETE" for name, ts in by_run.items() if name != killed.user_attrs["run"] for t in ts)
+    assert "resuming" in (out / "logs" / f"{run_dir.name}.log").read_text()  # from A's saved state
+    for name in by_run:
+        assert _epochs_once(out / name)  # every epoch once: nothing trained twice or lost
+
+
+@pytest.mark.slow
+def test_sigterm_stops_the_worker_and_the_same_command_continues(sample_shards, tmp_path):
+    from tinycnn.train import TrainingStopped
+
+    pytest.importorskip("optuna")
+    cfg = load_config(REPO / "recipes" / "configs" / "grid_search.yaml",
+                      [f"data.root={sample_shards}", *STOPPABLE, "grid.stage_repeats=[[1,1]]"])
+    run_dir = tmp_path / grid.grid_plan(cfg)[0].name
+
+    def stop_after_epoch_1():
+        _wait(lambda: _epoch_saved(run_dir))
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    killer = threading.Thread(target=stop_after_epoch_1, daemon=True)
+    killer.start()
+    with pytest.raises(TrainingStopped, match=r"^SIGTERM: gs_000_\S+ saved its state; run the same command again"):
+        grid.run_grid(cfg, tmp_path, progress=False, poll_s=0.2)
+    killer.join()
+    assert [t.state.name for t in _trials(tmp_path)] == ["FAIL", "WAITING"]  # queued again at once
+    assert (run_dir / "state" / "progress.json").is_file()
+    results = grid.run_grid(cfg, tmp_path, progress=False)
+    assert [r["status"] for r in results] == ["finished"] and _epochs_once(run_dir)
+    assert "resuming" in (tmp_path / "logs" / f"{run_dir.name}.log").read_text()
+    assert [t.state.name for t in _trials(tmp_path)] == ["FAIL", "COMPLETE"]

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tinycnn import recipe
+from tinycnn import cli as recipe_cli
 from tinycnn.runs import MARKER_NAME, claim_folder
 
 REPO = Path(__file__).resolve().parents[1]
@@ -80,26 +80,26 @@ def metrics(run_dir):
 def test_one_machine_stays_standalone_and_several_name_their_node():
     one = {"num_processes": 4, "num_machines": 1, "machine_rank": 0, "main_process_ip": None,
            "main_process_port": None}
-    assert recipe._torchrun_options(one) == ["--standalone", "--nproc_per_node", "4"]
+    assert recipe_cli._torchrun_options(one) == ["--standalone", "--nproc_per_node", "4"]
     two = {"num_processes": 4, "num_machines": 2, "machine_rank": 1, "main_process_ip": "10.0.0.1",
            "main_process_port": "29555"}
-    assert recipe._torchrun_options(two) == ["--nnodes", "2", "--node_rank", "1", "--master_addr", "10.0.0.1",
+    assert recipe_cli._torchrun_options(two) == ["--nnodes", "2", "--node_rank", "1", "--master_addr", "10.0.0.1",
                                              "--master_port", "29555", "--nproc_per_node", "2"]
 
 
 def test_the_launcher_command_line_gives_the_layout(monkeypatch):
     line = ["python", "/venv/bin/accelerate", "launch", "--cpu", "--num_machines=2", "--num-processes", "4",
             "--machine_rank", "1", "--main_process_ip", "10.0.0.1", "--main_process_port", "29555", "train.py"]
-    monkeypatch.setattr(recipe, "_accelerate_launcher_args", lambda: line)
+    monkeypatch.setattr(recipe_cli, "_accelerate_launcher_args", lambda: line)
     monkeypatch.delenv("MASTER_ADDR", raising=False)
     monkeypatch.delenv("MASTER_PORT", raising=False)
-    assert recipe._accelerate_cpu_layout() == {"num_processes": 4, "num_machines": 2, "machine_rank": 1,
+    assert recipe_cli._accelerate_cpu_layout() == {"num_processes": 4, "num_machines": 2, "machine_rank": 1,
                                                "main_process_ip": "10.0.0.1", "main_process_port": "29555"}
-    assert recipe._accelerate_cpu_processes() == 4
+    assert recipe_cli._accelerate_cpu_processes() == 4
     uneven = [a if a != "4" else "3" for a in line]
-    monkeypatch.setattr(recipe, "_accelerate_launcher_args", lambda: uneven)
-    with pytest.raises(recipe.ConfigError, match="multiple of --num_machines 2"):
-        recipe._accelerate_cpu_layout()
+    monkeypatch.setattr(recipe_cli, "_accelerate_launcher_args", lambda: uneven)
+    with pytest.raises(recipe_cli.ConfigError, match="multiple of --num_machines 2"):
+        recipe_cli._accelerate_cpu_layout()
 
 
 # ============================================================================= restarts: whose folder is it
@@ -112,7 +112,7 @@ def restart_env(monkeypatch, run_id, count=1):
 
 def claim(folder, resume=False, overwrite=False):
     args = argparse.Namespace(resume=resume, overwrite=overwrite)
-    path, lock = recipe.claim_output(str(folder), args, say=lambda m: None)
+    path, lock = recipe_cli.claim_output(str(folder), args, say=lambda m: None)
     lock.release()
     return path, args.resume
 

@@ -25,7 +25,7 @@ from torchvision.io import ImageReadMode, decode_jpeg
 
 import tinycnn
 from tinycnn.prepare import PrepareError, download, ensure_prepared, is_prepared, main, prepare
-from tinycnn.prepare.check import check_jpeg
+from tinycnn.prepare.scan import check_jpeg
 
 REPO = Path(__file__).resolve().parents[1]
 TOP = "tiny-imagenet-200/"
@@ -952,7 +952,7 @@ def test_unusable_out_is_one_line(tmp_path):
 
 
 def test_recipes_print_prepare_errors_as_one_line(tmp_path, capsys):
-    from tinycnn.recipe import run_main
+    from tinycnn.cli import run_main
     assert run_main(lambda: ensure_prepared(tmp_path / "nope")) == 2
     err = " ".join(capsys.readouterr().err.split())
     assert f"error: shards folder {tmp_path / 'nope'} does not exist; prepare it first" in err
@@ -962,7 +962,7 @@ def test_workers_without_pdeathsig_exit_when_orphaned():
     # the fallback where PR_SET_PDEATHSIG does not exist (macOS...): a worker B whose parent A dies
     if not hasattr(os, "fork") or not Path("/proc").is_dir():
         pytest.skip("needs fork and /proc")
-    from tinycnn.prepare.check import _exit_when_orphaned
+    from tinycnn.prepare.scan import _exit_when_orphaned
     r, w = os.pipe()
     a = os.fork()
     if a == 0:

@@ -14,11 +14,11 @@ import pytest
 import torch
 from torchvision.io import ImageReadMode, decode_png, read_file
 
-from tinycnn.checks import (CheckError, baselines, check_batch_shape, gradient_check, grid_size, initial_loss,
+from tinycnn.workflow.checks import (CheckError, baselines, check_batch_shape, gradient_check, grid_size, initial_loss,
                             save_augment_grid)
 from tinycnn.augment import GPUAugment
 from tinycnn.config import load_config
-from tinycnn.lr_finder import find_lr, lr_sweep, plot_lr_finder, smooth_losses, stop_check, suggest_lr
+from tinycnn.workflow.lr_finder import find_lr, lr_sweep, plot_lr_finder, smooth_losses, stop_check, suggest_lr
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["stage_channels=[8,16]", "stage_repeats=[1,1]", "train.batch_size=32", "data.num_workers=0"]
@@ -231,7 +231,7 @@ def test_recipes_help(tmp_path, monkeypatch, capsys):
     """Each script run as __main__ with --help, from another folder than the checkout."""
     monkeypatch.chdir(tmp_path)
     flags = {"checks": ["--output", "--num_images"], "lr_finder": ["--min_lr", "--max_lr", "--num_iters"],
-             "grid_search": ["--gpus", "--part", "--merge"]}
+             "grid_search": ["--gpus", "--workers", "--storage", "--sampler", "--pruner", "optuna-dashboard"]}
     for name in flags:
         monkeypatch.setattr(sys, "argv", [f"recipes/{name}.py", "--help"])
         with pytest.raises(SystemExit) as e:

@@ -1,4 +1,4 @@
-"""The experiment report (tinycnn.report, recipes/report.py).
+"""The experiment report (tinycnn.workflow.report, recipes/report.py).
 
 Pure helpers on synthetic files (folder detection, the hyperparameter-effect table, the holdout note,
 the layer table); then a small project built once on the 10-class sample (checks, an overfit run,
@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tinycnn import grid, report
+from tinycnn.workflow import grid, report
 from tinycnn.config import load_config
-from tinycnn.report import (ReportError, build_report, class_extremes, collect, detect, holdout_note,
+from tinycnn.workflow.report import (ReportError, build_report, class_extremes, collect, detect, holdout_note,
                             hyperparameter_effects, layer_table)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -241,11 +241,11 @@ def test_report_help(monkeypatch, capsys):
 @pytest.fixture(scope="module")
 def project(sample_shards, tmp_path_factory):
     """Every recipe's output, written by the library functions the recipes call (small and fast)."""
-    from tinycnn import grid
-    from tinycnn.checks import run_checks
+    from tinycnn.workflow import grid
+    from tinycnn.workflow.checks import run_checks
     from tinycnn.config import load_config
     from tinycnn.evaluation import evaluate_checkpoint
-    from tinycnn.lr_finder import find_lr
+    from tinycnn.workflow.lr_finder import find_lr
     from tinycnn.train import train
 
     p = tmp_path_factory.mktemp("project")

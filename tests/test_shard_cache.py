@@ -366,7 +366,7 @@ def test_the_size_bound_evicts_the_least_recently_used_shards(tmp_path):
 def test_training_with_data_cache_dir_reads_each_shard_over_the_network_once(sample_shards, tmp_path):
     """data.cache_dir reaches train()'s loaders: a second run on the node reads no shard byte over the network."""
     from tinycnn.config import load_config
-    from tinycnn.recipe import RESUMABLE_KEYS
+    from tinycnn.cli import RESUMABLE_KEYS
     from tinycnn.train import train
 
     assert {"data.cache_dir", "data.cache_max_bytes"} <= set(RESUMABLE_KEYS)  # how data is read, not what

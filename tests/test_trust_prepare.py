@@ -22,9 +22,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from tinycnn.prepare import PrepareError, check, download, downloader, ensure_prepared, is_prepared, main, prepare, \
+from tinycnn.prepare import PrepareError, scan, download, downloader, ensure_prepared, is_prepared, main, prepare, \
     sources
-from tinycnn.prepare.check import check_jpeg
+from tinycnn.prepare.scan import check_jpeg
 from tinycnn.tar import tar_samples
 
 from test_prepare import write_dir, write_zip  # the source layouts, written as a zip or a folder
@@ -250,13 +250,13 @@ def forged_sof(data, height=60000, width=60000):
 def decoded(monkeypatch):
     """The images check_jpeg decodes, recorded."""
     seen = []
-    real = check._decode_shape
+    real = scan._decode_shape
 
     def recording(data):
         seen.append(data)
         return real(data)
 
-    monkeypatch.setattr(check, "_decode_shape", recording)
+    monkeypatch.setattr(scan, "_decode_shape", recording)
     return seen
 
 

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tinycnn import grid
+from tinycnn.workflow import grid
 from tinycnn.config import ConfigError, load_config
-from tinycnn.recipe import config_from_args, recipe_parser, release_output, run_main
+from tinycnn.cli import config_from_args, recipe_parser, release_output, run_main
 from tinycnn.runs import (LOCK_NAME, MARKER_NAME, RunFolderError, RunLock, claim_folder, folder_kind,
                           holds_results, _describe_holder)
 

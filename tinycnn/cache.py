@@ -35,6 +35,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
+from .config import ConfigError
 from .storage import FILE_NAME, MAX_SHARD_BYTES, ShardError, read_shard
 
 __all__ = ["ShardCache", "cache_key", "DEFAULT_MAX_BYTES"]
@@ -78,7 +79,7 @@ class ShardCache:
         """shards: each shard's location (storage.locate(root, file)) -> its checked manifest entry (file, bytes,
         sha256). max_bytes: the bound on all cached shards in `cache_dir` (default DEFAULT_MAX_BYTES)."""
         if max_bytes is not None and (type(max_bytes) is not int or max_bytes < 0):
-            raise ValueError(f"the shard cache size {max_bytes!r} is not a whole number of bytes >= 0 "
+            raise ConfigError(f"the shard cache size {max_bytes!r} is not a whole number of bytes >= 0 "
                              "(data.cache_max_bytes)")
         self.cache_dir = os.path.abspath(os.fspath(cache_dir))
         self.folder = os.path.join(self.cache_dir, cache_key(root))
@@ -92,12 +93,12 @@ class ShardCache:
     def check(self):
         """Make this root's folder now, so that an unusable cache_dir is one line before any worker starts."""
         if not usable():
-            raise ValueError("the shard cache (data.cache_dir) needs a POSIX system (descriptor-relative file "
+            raise ConfigError("the shard cache (data.cache_dir) needs a POSIX system (descriptor-relative file "
                              "operations): leave data.cache_dir unset here")
         try:
             os.close(self._open_folder())
         except OSError as e:
-            raise ValueError(f"cannot use {self.cache_dir} as the shard cache: {e.strerror or e}; choose a "
+            raise ConfigError(f"cannot use {self.cache_dir} as the shard cache: {e.strerror or e}; choose a "
                              "writable folder (data.cache_dir) or leave it unset") from None
 
     def read(self, location: str, retries: int, limit: Optional[int] = None) -> bytes:

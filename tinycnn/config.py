@@ -25,13 +25,15 @@ from typing import Any, Dict, Iterable, List, Literal, Optional, Union
 
 import yaml
 
+from .errors import TinycnnError
+
 __all__ = ["Config", "DataConfig", "AugmentConfig", "MixupConfig", "TrainConfig", "OptimizerConfig",
            "SchedulerConfig", "LRFinderConfig", "GridConfig", "ConfigError", "load_config", "parse_value", "flatten",
            "model_kwargs", "is_tinycnn_model", "from_dict", "check_model_name", "read_yaml", "safe_yaml_load",
            "check_run_name", "MAX_CONFIG_BYTES"]
 
 
-class ConfigError(ValueError):
+class ConfigError(TinycnnError, ValueError):
     pass
 
 
@@ -129,7 +131,7 @@ class TrainConfig:
     label_smoothing: float = field(default=0.1, metadata=_range(ge=0, lt=1))
     grad_accum_steps: int = field(default=1, metadata=_range(ge=1, cap=4096))
     grad_clip: Optional[float] = field(default=None, metadata=_range(gt=0, cap=1_000_000))
-    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"  # auto: bf16 on a GPU that has it
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"  # auto: bf16 where the GPU has it; MPS: bf16 or fp16
     compile: bool = False
     channels_last: Union[Literal["auto"], bool] = "auto"             # auto: on CUDA
     deterministic: bool = False
@@ -156,7 +158,7 @@ class LRFinderConfig:
 
 
 @dataclass
-class GridConfig:                              # grid_search.py: every combination, `epochs` each (one value: a list of one)
+class GridConfig:  # grid_search.py's Optuna study: GridSampler tries every combination, TPE their ranges; `epochs` each
     lr: Union[List[float], float] = field(default_factory=lambda: [0.001, 0.002, 0.005],
                                           metadata=_range(gt=0, cap=1_000_000))
     weight_decay: Union[List[float], float] = field(default_factory=lambda: [1e-5, 1e-4],
@@ -397,7 +399,7 @@ def _check(cfg: Config):
 
 
 def _grid_options(value: Any, nested: bool) -> int:
-    """How many values a grid.* key tries (as tinycnn.grid reads it: one value alone is a list of one)."""
+    """How many values a grid.* key tries (as tinycnn.workflow.grid reads it: one value alone is a list of one)."""
     if not isinstance(value, list):
         return 1
     if nested and not (value and isinstance(value[0], list)):

@@ -27,6 +27,11 @@ cluster or a terminal sends to the whole process group, so that the main process
 state, then ShardLoader.close) instead of failing on workers killed under it. A worker still dies with the
 process that started it (PR_SET_PDEATHSIG on Linux; torch's workers also watch their parent).
 
+The workers start by the program's start method: fork on Linux, spawn on macOS (and forkserver on Linux from
+Python 3.14), where each worker unpickles the stream and imports tinycnn afresh. So the stream and the
+worker_init_fn are plain picklable objects, and the counters shared with the workers (epoch, skipped samples) are
+multiprocessing Values made under that same start method.
+
 Do not pass these loaders through `accelerator.prepare`: accelerate's default for iterable datasets
 (`dispatch_batches=True`) makes rank 0 read and decode everything; here each rank reads its own shards.
 """
@@ -464,6 +469,13 @@ class ShardLoader:
         self._loader = None
         _LOADERS_WITH_WORKERS.discard(self)
 
+    def __del__(self):
+        # dropped without close(): torch's own clean-up waits 5 s for a worker, then sends the SIGTERM the workers
+        # ignore; a worker still busy (a loaded host, a slow spawn start) would then outlive its loader and make
+        # multiprocessing's exit wait for it forever
+        if self.num_workers and self._loader is not None:
+            self.close()
+
 
 def default_num_workers() -> int:
     """Decoding processes per rank: the cores this process may use, one left for each process's main thread
@@ -499,7 +511,8 @@ def build_loader(
     Otherwise every sample of the split (or subset) exactly once across all workers and ranks.
     subset: only the first `subset` samples of the split (deterministic).
     num_workers: decoding processes (default: `default_num_workers()`).
-    pin_memory: default: pinned when tinycnn.transfer.DevicePrefetcher copies to CUDA (else when CUDA is available).
+    pin_memory: default: pinned when tinycnn.transfer.DevicePrefetcher copies to CUDA (else when CUDA is available);
+    never for MPS (unified memory: torch's DataLoader does not pin for it) or the CPU.
     retries: tries again after transient network errors (connection, timeout, HTTP 5xx), with backoff.
     cache_dir: with a URL root (pipe: commands included), keep each shard read in this folder (tinycnn.cache),
     checked against the manifest: later epochs, loaders and runs on this node read it from disk. Off by default;

@@ -2,7 +2,7 @@
 import math
 from typing import Any, Optional, Sequence
 
-__all__ = ["percent", "number", "sci", "count", "dashed"]
+__all__ = ["percent", "number", "sci", "count", "dashed", "hms"]
 
 
 def percent(v: Optional[float], digits: int = 2) -> str:
@@ -28,3 +28,10 @@ def count(n: Optional[int]) -> str:
 def dashed(values: Optional[Sequence[Any]]) -> str:
     """Widths or depths: [64, 128, 256] -> '64-128-256'."""
     return "-" if values is None else "-".join(str(int(v)) for v in values)
+
+
+def hms(seconds: float) -> str:
+    """A duration: 4431.2 -> '1:13:51'."""
+    minutes, secs = divmod(int(round(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}"

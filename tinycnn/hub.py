@@ -20,7 +20,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple, Union
 
-from .weights import HUB_CONFIG, HUB_WEIGHTS, WeightsError, load_model, read_json_file, read_metadata, umask_mode
+from .files import NotOursError, install_folder, umask_mode
+from .weights import HUB_CONFIG, HUB_WEIGHTS, WeightsError, load_model, read_json_file, read_metadata
 
 __all__ = ["export_hub", "push_hub"]
 
@@ -141,27 +142,10 @@ def _replaceable(folder: Path) -> bool:
 
 
 def _swap_into_place(new: Path, target: Path):
-    """Rename `new` onto `target`; an earlier export there is moved aside first and removed after.
-
-    The moved-aside folder is checked again (it may have changed since export_hub looked) and only the
-    files an export holds are deleted from it: anything else is put back or left in place.
-    """
-    old = None
-    if os.path.lexists(target):
-        old = target.with_name(f".{target.name}.old-{new.name}")
-        target.rename(old)  # renames a symlink itself, never what it points to
-        if not _replaceable(old):
-            old.rename(target)
-            raise WeightsError(f"{target} is not an exported model folder (it changed while exporting): give a new "
-                               "or empty --out")
-    new.rename(target)
-    if old is not None:
-        for name in EXPORTED_FILES:
-            try:
-                os.unlink(old / name)
-            except OSError:  # gone, or no longer a file: left for rmdir to keep
-                pass
-        try:
-            old.rmdir()
-        except OSError:  # something appeared in it meanwhile: not ours to delete
-            pass
+    """Rename `new` onto `target`, replacing an earlier export there, checked again (it may have changed since
+    export_hub looked): files.install_folder."""
+    try:
+        install_folder(new, target, _replaceable)
+    except NotOursError:
+        raise WeightsError(f"{target} is not an exported model folder (it changed while exporting): give a new "
+                           "or empty --out") from None

@@ -1,24 +1,29 @@
-"""What a run does given its config, decided once: training, the LR finder, the checks and the grid all ask here.
+"""The one run builder: what a run trains, built from its config in one place.
 
-`RunPlan.from_config(cfg)` settles the policy questions (the "overfit a small subset" check trains on a fixed
-subset with no regularization: no augmentation or mixing, no weight decay, no label smoothing); the builders make the
-model, the optimizer (timm's `create_optimizer_v2`: no weight decay on norms and biases) and the lr schedule
-from a config the same way for every caller.
+Training, the LR finder, the checks, the benchmarks and the model comparison all build here, so they run the same
+thing. `RunPlan.from_config(cfg)` settles the policy questions (the "overfit a small subset" check trains on a fixed
+subset with no regularization: no augmentation or mixing, no weight decay, no label smoothing). `build_loaders` makes
+a run's train and val loaders; `build_training` makes the model (on its device, channels_last where the config says),
+the optimizer (timm's `create_optimizer_v2`: no weight decay on norms and biases), the lr schedule, the device
+augmentation, Mixup / CutMix and the TrainStep, prepared by accelerate when an accelerator is given.
 """
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, Optional, Tuple, Union
 
 import timm
 import torch
 from timm.optim import create_optimizer_v2
+from timm.utils import unwrap_model
 
 from .augment import GPUAugment, MixupCutmix
 from .config import Config, OptimizerConfig, SchedulerConfig, model_kwargs
+from .data import ShardLoader, build_loader
+from .step import TrainStep
 
-__all__ = ["RunPlan", "build_model", "build_augment", "build_mixup", "model_description", "build_optimizer",
-           "build_lr_lambda", "optimizer_implementation"]
+__all__ = ["RunPlan", "Training", "build_training", "build_loaders", "build_model", "build_augment", "build_mixup",
+           "model_description", "build_optimizer", "build_lr_lambda", "optimizer_implementation"]
 
 
 @dataclass(frozen=True)
@@ -125,3 +130,78 @@ def build_lr_lambda(sched: SchedulerConfig, total_steps: int, steps_per_epoch: i
         p = min(1.0, (s - up) / max(1, total_steps - up))
         return 1e-4 + (1 - 1e-4) * 0.5 * (1 + math.cos(math.pi * p))
     return onecycle
+
+
+def build_loaders(cfg: Config, plan: RunPlan, *, rank: int = 0, world_size: int = 1, val: bool = True,
+                  train_once: bool = False) -> Tuple[ShardLoader, Optional[ShardLoader]]:
+    """The run's train loader (shuffled, this rank's shards) and val loader (exactly once; None when not `val`).
+
+    train_once: the train split read exactly once, unshuffled, instead (what a device-resident copy keeps)."""
+    d, t = cfg.data, cfg.train
+    common = dict(rank=rank, world_size=world_size, num_workers=d.num_workers, seed=t.seed, skip_bad=d.skip_bad,
+                  cache_dir=d.cache_dir, cache_max_bytes=d.cache_max_bytes)
+    if train_once:
+        train = build_loader(d.root, d.train_split, batch_size=t.batch_size, train=False, subset=plan.train_subset,
+                             **common)
+    else:
+        train = build_loader(d.root, d.train_split, batch_size=t.batch_size, train=True, subset=plan.train_subset,
+                             shuffle_buffer=d.shuffle_buffer, **common)
+    if not val:
+        return train, None
+    try:
+        return train, build_loader(d.root, d.val_split, batch_size=t.batch_size, train=False,
+                                   subset=plan.val_subset, **common)
+    except BaseException:
+        train.close()
+        raise
+
+
+@dataclass
+class Training:
+    """What a training loop steps, from `build_training`."""
+    plan: RunPlan
+    model: torch.nn.Module              # prepared by the accelerator when there is one (DDP under several processes)
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR  # stepped once per optimizer step, by the loop
+    augment: GPUAugment
+    mixup: Optional[MixupCutmix]
+    step: TrainStep
+    channels_last: bool
+
+    @property
+    def raw_model(self) -> torch.nn.Module:
+        """The plain model (what is saved, evaluated and averaged)."""
+        return unwrap_model(self.model)
+
+
+def build_training(cfg: Config, num_classes: int, *, accelerator=None, device: Union[str, torch.device, None] = None,
+                   total_steps: int = 1, steps_per_epoch: int = 1, lr: Optional[float] = None,
+                   augment: bool = True, compile_augment: Union[bool, str] = "auto") -> Training:
+    """The model, optimizer, lr schedule, augmentation, mixing and train step of `cfg`, on the accelerator's device
+    (prepared by it) or on `device` with plain torch (the config's mixed precision; "auto" = bf16 on CUDA).
+
+    lr: the optimizer's starting lr instead of the config's (the LR finder); augment=False: the step takes
+    normalized float batches (a benchmark of the step alone)."""
+    from .device import resolve_mixed_precision
+
+    t = cfg.train
+    plan = RunPlan.from_config(cfg)
+    device = accelerator.device if accelerator is not None else torch.device(device or "cpu")
+    channels_last = t.channels_last is True or (t.channels_last == "auto" and device.type == "cuda")
+    model = build_model(cfg, num_classes).to(device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    model.train()
+    # after the model is on its device: fused optimizer constructors check where the parameters are
+    optimizer = build_optimizer(model, t.optimizer, plan, lr=lr)
+    if accelerator is not None:
+        model, optimizer = accelerator.prepare(model, optimizer)
+    # stepped by the loop once per optimizer step (accelerate's scheduler wrapper would step it per process)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, build_lr_lambda(t.scheduler, total_steps, steps_per_epoch))
+    aug = build_augment(cfg, plan, unwrap_model(model), channels_last=channels_last).to(device)
+    mixup = build_mixup(cfg, plan, num_classes)
+    mixed_precision = None if accelerator is not None else resolve_mixed_precision(t.mixed_precision, device)
+    step = TrainStep(model, optimizer, augment=aug if augment else None, label_smoothing=plan.label_smoothing,
+                     grad_clip=t.grad_clip, mixed_precision=mixed_precision, compile=t.compile,
+                     compile_augment=compile_augment, accelerator=accelerator, mixup=mixup)
+    return Training(plan, model, optimizer, scheduler, aug, mixup, step, channels_last)

@@ -13,18 +13,18 @@ Every recipe that writes a folder (train, grid search, LR finder, checks, report
 Neither the lock nor the marker is ever opened through a symlink, and replacing a folder's contents unlinks a
 symlink inside it, never what it points to.
 """
-import errno
-import fcntl
 import json
 import os
 import re
 import shutil
 import socket
-import stat
 import sys
 import time
 from pathlib import Path
 from typing import Optional, Union
+
+from .errors import TinycnnError
+from .files import FileLock, NotRegularFile, lock_holder, open_regular, read_head
 
 __all__ = ["RunFolderError", "RunLock", "claim_folder", "holds_results", "next_free", "folder_kind",
            "ensure_replaceable", "clear_folder", "mark_folder", "write_marker", "LOCK_NAME", "MARKER_NAME"]
@@ -32,7 +32,6 @@ __all__ = ["RunFolderError", "RunLock", "claim_folder", "holds_results", "next_f
 LOCK_NAME = ".lock"
 MARKER_NAME = ".tinycnn-run"
 _OURS = (LOCK_NAME, MARKER_NAME)  # what a claimed folder holds before any result
-_MAX_SMALL_FILE = 64 * 1024       # the lock and the marker are a line of JSON: never read more
 
 # The marker's kinds, as `claim_folder`'s `what` says them.
 KIND_OF_WHAT = {"run": "run", "report": "report", "LR finder result": "lr_finder", "set of checks": "checks",
@@ -50,10 +49,10 @@ _LEGACY = {
                   "knows": {"lr_finder.json", "lr_finder.csv", "lr_finder.png"}},
     "checks": {"requires": set(), "needs": {"checks.json"}, "knows": {"checks.json", "augment_grid.png"}},
 }
-_TEMPORARY = re.compile(r"^\..+\.tmp$")  # tinycnn.weights.atomic_write's: .NAME.RANDOM.tmp
+_TEMPORARY = re.compile(r"^\..+\.tmp$")  # tinycnn.files.atomic_write's: .NAME.RANDOM.tmp
 
 
-class RunFolderError(RuntimeError):
+class RunFolderError(TinycnnError, RuntimeError):
     """The folder is in use, or would be overwritten."""
 
 
@@ -75,29 +74,17 @@ def next_free(folder: Path) -> Path:
 
 # ----------------------------------------------------------------------------- small files, never through links
 
+def _not_plain(e: NotRegularFile) -> RunFolderError:
+    return RunFolderError(f"{e.filename} {e.problem}: remove it")
+
+
 def _open_regular(path: Path, flags: int) -> int:
-    """An fd of the regular file `path` (created 0o644 with O_CREAT), never through a symlink, a FIFO, a device
-    or a file with other hard links (writing it would change another file too)."""
+    """files.open_regular (never through a symlink, a FIFO, a device or a file with other hard links), refusing
+    with a RunFolderError."""
     try:
-        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o644)
-    except OSError as e:
-        if e.errno == errno.ELOOP:
-            raise RunFolderError(f"{path} is a symlink: remove it") from None
-        if e.errno == errno.EISDIR:
-            raise RunFolderError(f"{path} is not a regular file: remove it") from None
-        raise
-    st = os.fstat(fd)
-    problem = ("is not a regular file" if not stat.S_ISREG(st.st_mode)
-               else "has other hard links" if st.st_nlink > 1 else None)
-    if problem:
-        os.close(fd)
-        raise RunFolderError(f"{path} {problem}: remove it")
-    return fd
-
-
-def _read_head(fd: int) -> str:
-    os.lseek(fd, 0, os.SEEK_SET)
-    return os.read(fd, _MAX_SMALL_FILE).decode("utf-8", errors="replace")
+        return open_regular(path, flags)
+    except NotRegularFile as e:
+        raise _not_plain(e) from None
 
 
 def write_marker(folder: Union[str, Path], kind: str):
@@ -118,7 +105,7 @@ def _marker_kind(folder: Path) -> Optional[str]:
     except FileNotFoundError:
         return None
     try:
-        info = json.loads(_read_head(fd))
+        info = json.loads(read_head(fd))
     except ValueError:
         return None
     finally:
@@ -190,25 +177,17 @@ def clear_folder(folder: Union[str, Path]):
 def _locked_by_other(folder: Path) -> Optional[str]:
     """Who holds folder's lock (None: nobody), without taking it or writing anything."""
     try:
-        fd = _open_regular(folder / LOCK_NAME, os.O_RDONLY)
-    except (FileNotFoundError, NotADirectoryError):
-        return None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except OSError:
-        return _describe_holder(_read_head(fd))
-    else:
-        fcntl.flock(fd, fcntl.LOCK_UN)
-    finally:
-        os.close(fd)
-    return None
+        text = lock_holder(folder / LOCK_NAME)
+    except NotRegularFile as e:
+        raise _not_plain(e) from None
+    return None if text is None else _describe_holder(text)
 
 
 def _in_use(folder: Path, holder: str) -> RunFolderError:
     return RunFolderError(f"{folder} is in use by {holder}: wait for it to finish, stop it, or choose another --output")
 
 
-class RunLock:
+class RunLock(FileLock):
     """An exclusive lock on `folder/.lock` for the life of this object (or the process).
 
     The file records who holds it (pid, host, command, since), so the refusal can name the holder. It is
@@ -217,40 +196,21 @@ class RunLock:
 
     def __init__(self, folder: Union[str, Path]):
         self.folder = Path(folder)
-        self.path = self.folder / LOCK_NAME
-        self._file = None  # a file object: when the lock is dropped unreleased, closing it releases the lock
+        super().__init__(self.folder / LOCK_NAME)
+
+    def holder(self) -> str:
+        return json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "command": sys.argv,
+                           "since": time.strftime("%Y-%m-%d %H:%M:%S")})
+
+    def in_use(self, text: str) -> RunFolderError:
+        return _in_use(self.folder, _describe_holder(text))
 
     def acquire(self) -> "RunLock":
         self.folder.mkdir(parents=True, exist_ok=True)
-        fd = _open_regular(self.path, os.O_RDWR | os.O_CREAT)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            holder = _describe_holder(_read_head(fd))
-            os.close(fd)
-            raise _in_use(self.folder, holder) from None
-        try:
-            os.ftruncate(fd, 0)
-            os.lseek(fd, 0, os.SEEK_SET)
-            os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "command": sys.argv,
-                                     "since": time.strftime("%Y-%m-%d %H:%M:%S")}).encode())
-        except BaseException:
-            os.close(fd)  # closing releases the lock
-            raise
-        self._file = os.fdopen(fd, "rb+", buffering=0)
-        return self
-
-    def release(self):
-        if self._file is not None:
-            fcntl.flock(self._file, fcntl.LOCK_UN)
-            self._file.close()
-            self._file = None
-
-    def __enter__(self) -> "RunLock":
-        return self.acquire() if self._file is None else self
-
-    def __exit__(self, *exc):
-        self.release()
+            return super().acquire()
+        except NotRegularFile as e:
+            raise _not_plain(e) from None
 
 
 def _printable(text: str, limit: int = 200) -> str:

@@ -40,7 +40,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from timm.utils import unwrap_model
 
-from .weights import atomic_write
+from .errors import TinycnnError
+from .files import atomic_write
 
 __all__ = ["save_state", "load_state", "has_saved_state", "StateError"]
 
@@ -60,7 +61,7 @@ _ACCELERATE_FILES = re.compile(r"(pytorch_model.*\.bin|model(_\d+)?\.safetensors
                                r"dl_state_dict)(_\d+)?\.bin|scaler\.pt|(random_states|custom_checkpoint)_\d+\.pkl)")
 
 
-class StateError(ValueError):
+class StateError(TinycnnError, ValueError):
     """A state folder that tinycnn does not load: damaged, not a tinycnn state, or saved in the old pickle format."""
 
 

@@ -23,7 +23,6 @@ from typing import Any, Dict, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
-from timm.utils import unwrap_model
 
 __all__ = ["TrainStep", "autocast_dtype", "can_compile"]
 
@@ -45,21 +44,6 @@ def can_compile(device: Union[str, torch.device]) -> bool:
         return False
     from torch.utils._triton import has_triton
     return has_triton()
-
-
-def _drop_accelerate_autocast(model: torch.nn.Module) -> None:
-    """accelerate's prepare() wraps ``model.forward`` in an autocast object it creates per prepare();
-    torch.compile guards on that object, so each new run in one process (the grid) recompiles and from
-    the 9th run hits the recompile limit and runs eager.  The step runs ``torch.autocast`` itself, so put
-    the model's own forward back (what ``accelerator.unwrap_model(keep_fp32_wrapper=False)`` does)."""
-    inner = unwrap_model(model)
-    original = inner.__dict__.pop("_original_forward", None)
-    if original is None:
-        return
-    if getattr(original, "__func__", None) is type(inner).forward:
-        inner.__dict__.pop("forward", None)     # the class's forward again: nothing per-instance to guard on
-    else:
-        inner.forward = original
 
 
 class TrainStep:
@@ -97,7 +81,6 @@ class TrainStep:
                 raise ValueError(f"mixed_precision={mixed_precision!r} but the accelerator was made with "
                                  f"{accelerator.mixed_precision!r}: leave mixed_precision unset to use its setting")
             mixed_precision = accelerator.mixed_precision
-            _drop_accelerate_autocast(model)
             self.device = accelerator.device
         else:
             self.device = next(model.parameters()).device

@@ -30,7 +30,10 @@ import urllib.request
 from pathlib import Path
 from typing import Any, Callable, Dict, Mapping, Optional, Tuple, Union
 
-__all__ = ["ShardError", "is_url", "locate", "read_manifest", "read_shard", "check_manifest", "check_file_name",
+from .errors import TinycnnError
+from .files import open_regular
+
+__all__ = ["ShardError", "ManifestError", "is_url", "locate", "read_manifest", "read_shard", "check_manifest", "check_file_name",
            "shard_limits"]
 
 PREPARE_HINT = ("prepare the data first, e.g. `tinycnn-prepare path/to/tiny-imagenet-200.zip --out shards/tiny-imagenet` "
@@ -56,8 +59,12 @@ SHA256_HEX = re.compile(r"[0-9a-f]{64}")  # a shard's sha256 in its manifest ent
 _CHUNK = 1 << 20  # bytes per read of a stream
 
 
-class ShardError(RuntimeError):
+class ShardError(TinycnnError, RuntimeError):
     """A missing, truncated or corrupt shard or sample, or a shard URL that cannot be read."""
+
+
+class ManifestError(TinycnnError, ValueError):
+    """A manifest (or a name in it) that is not a valid tinycnn manifest."""
 
 
 def is_url(root: Union[str, Path]) -> bool:
@@ -79,7 +86,7 @@ def check_file_name(name: Any) -> str:
     """`name` if it is a plain file name (FILE_NAME, no '..'), else a ValueError: names from a manifest are data,
     never paths, URLs or shell words."""
     if not isinstance(name, str) or FILE_NAME.fullmatch(name) is None or ".." in name:
-        raise ValueError(f"{_show(name)} is not a plain file name (letters, digits, '.', '_' and '-', "
+        raise ManifestError(f"{_show(name)} is not a plain file name (letters, digits, '.', '_' and '-', "
                          "starting with a letter or digit, no '..')")
     return name
 
@@ -115,7 +122,7 @@ def check_manifest(manifest: Any, where: str = "manifest.json") -> Dict:
     numbers >= 0.
     """
     def bad(field: str, problem: str):
-        raise ValueError(f"{where} is not a valid tinycnn manifest: {field} {problem}; "
+        raise ManifestError(f"{where} is not a valid tinycnn manifest: {field} {problem}; "
                          "re-create it with tinycnn-prepare")
 
     def get(mapping: Dict, key: str, field: str, required: bool = True):
@@ -207,7 +214,7 @@ def _parse_manifest(text: bytes, where: str, hint: str) -> Dict:
     try:
         manifest = json.loads(text)
     except (ValueError, RecursionError):  # RecursionError: nested too deep for the parser
-        raise ValueError(f"{where} is not a tinycnn manifest (not JSON): {hint}") from None
+        raise ManifestError(f"{where} is not a tinycnn manifest (not JSON): {hint}") from None
     return check_manifest(manifest, where)
 
 
@@ -220,7 +227,7 @@ def read_manifest(root: Union[str, Path], retries: int = RETRIES) -> Dict:
         try:
             text = _read_url(url, retries, MAX_MANIFEST_BYTES)
         except _TooLarge:
-            raise ValueError(f"{url} is larger than {_bytes(MAX_MANIFEST_BYTES)}: not a tinycnn manifest; "
+            raise ManifestError(f"{url} is larger than {_bytes(MAX_MANIFEST_BYTES)}: not a tinycnn manifest; "
                              f"{hint}") from None
         except Exception as e:
             if _is_missing(e):
@@ -236,14 +243,14 @@ def read_manifest(root: Union[str, Path], retries: int = RETRIES) -> Dict:
         what = "does not exist" if not root.exists() else "has no manifest.json"
         raise FileNotFoundError(f"shards folder {root} {what}: {PREPARE_HINT}")
     hint = "re-create the folder with tinycnn-prepare --force"
-    try:
-        with open(path, "rb") as f:
+    try:  # a link is followed (a shards folder may be made of links); a FIFO put there since is refused, not waited on
+        with os.fdopen(open_regular(path, follow_symlinks=True, single_link=False), "rb") as f:
             too_large = os.fstat(f.fileno()).st_size > MAX_MANIFEST_BYTES
             text = b"" if too_large else f.read(MAX_MANIFEST_BYTES + 1)  # + 1: a file that grew since
     except OSError as e:
         raise ShardError(f"cannot read {path}: {e.strerror or e}") from None
     if too_large or len(text) > MAX_MANIFEST_BYTES:
-        raise ValueError(f"{path} is larger than {_bytes(MAX_MANIFEST_BYTES)}: not a tinycnn manifest; {hint}")
+        raise ManifestError(f"{path} is larger than {_bytes(MAX_MANIFEST_BYTES)}: not a tinycnn manifest; {hint}")
     return _parse_manifest(text, str(path), hint)
 
 

@@ -23,7 +23,6 @@ import json
 import math
 import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
@@ -34,6 +33,8 @@ from safetensors.torch import load_file, save_file
 from torch.overrides import TorchFunctionMode
 from timm.utils import unwrap_model  # DDP / DataParallel (.module), torch.compile (._orig_mod), ModelEma
 
+from .errors import TinycnnError
+from .files import atomic_write, open_regular
 from .model import TinyCNN
 
 __all__ = ["save_model", "load_model", "read_metadata", "check_metadata", "unwrap_model", "WeightsError"]
@@ -73,32 +74,8 @@ REFUSED_MODEL_ARGS = frozenset({
 })
 
 
-class WeightsError(ValueError):
+class WeightsError(TinycnnError, ValueError):
     """A file that is not tinycnn weights, or weights that do not match what was asked for."""
-
-
-def umask_mode(mode: int = 0o666) -> int:
-    """`mode` as open() would create it under the process umask (mkstemp/mkdtemp make private 0600/0700 files)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    return mode & ~umask
-
-
-def atomic_write(path: Union[str, Path], write_fn) -> Path:
-    """Call write_fn(tmp_path) then rename tmp_path onto path: readers see the old file or the new one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write_fn(tmp)
-        os.chmod(tmp, umask_mode())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
 
 
 def save_model(
@@ -299,6 +276,12 @@ def _parse_json(text: Union[str, bytes], source: str, refusal: str) -> Any:
         raise WeightsError(f"{source}: {refusal} (not JSON: {_show(str(e), 80)})") from None
 
 
+def _open_file(path: Path) -> int:
+    """An fd of the regular file `path` (a link to one too: Hugging Face's cache links its files), without
+    waiting on a FIFO; an OSError (files.NotRegularFile) otherwise."""
+    return open_regular(path, follow_symlinks=True, single_link=False)
+
+
 def _open_safetensors(path: Path) -> Tuple[Dict[str, str], Dict[str, Tuple[int, ...]], int]:
     """(metadata, tensor shapes, total tensor bytes) of a safetensors file, from its header alone.
 
@@ -306,7 +289,7 @@ def _open_safetensors(path: Path) -> Tuple[Dict[str, str], Dict[str, Tuple[int, 
     so a file claiming a huge header costs nothing.
     """
     try:
-        with open(path, "rb") as f:
+        with os.fdopen(_open_file(path), "rb") as f:
             length_bytes = f.read(8)
             file_size = os.fstat(f.fileno()).st_size
     except OSError as e:
@@ -353,7 +336,7 @@ def read_metadata(path: Union[str, Path]) -> Dict[str, Any]:
 def read_json_file(path: Path, refusal: str) -> Any:
     """The JSON value of a small untrusted file (at most MAX_METADATA_BYTES, UTF-8); WeightsError otherwise."""
     try:
-        with open(path, "rb") as f:
+        with os.fdopen(_open_file(path), "rb") as f:
             raw = f.read(MAX_METADATA_BYTES + 1)
     except OSError as e:
         raise WeightsError(f"{path}: {refusal} (cannot read it: {e.strerror})") from None

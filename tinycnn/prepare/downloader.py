@@ -25,6 +25,7 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeR
 from rich.text import Text
 
 from .. import __version__
+from ..files import NotRegularFile, open_regular
 from .errors import PrepareError
 
 DEFAULT_URL = "http://cs231n.stanford.edu/tiny-imagenet-200.zip"
@@ -148,18 +149,12 @@ def _partial_size(part: Path) -> int:
 def _open_part(part: Path, append: bool):
     """The partial download, opened for writing without following a link (a link there must never
     lead the download into another file)."""
-    flags = os.O_WRONLY | os.O_CREAT | (os.O_APPEND if append else os.O_TRUNC) | getattr(os, "O_NOFOLLOW", 0) \
-        | getattr(os, "O_CLOEXEC", 0)
-    try:
-        fd = os.open(part, flags, 0o644)
+    try:  # not a hard link either: writing would change another file
+        fd = open_regular(part, os.O_WRONLY | os.O_CREAT | (os.O_APPEND if append else os.O_TRUNC))
+    except NotRegularFile:
+        raise _not_a_plain_file(part) from None
     except OSError as e:
-        if os.path.islink(part):
-            raise _not_a_plain_file(part) from None
         raise PrepareError(f"cannot write {part} ({e.strerror}); choose another --download-dir") from None
-    st = os.fstat(fd)
-    if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:  # a hard link: writing would change another file
-        os.close(fd)
-        raise _not_a_plain_file(part)
     return os.fdopen(fd, "ab" if append else "wb")
 
 

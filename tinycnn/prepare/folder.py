@@ -9,18 +9,18 @@ from __future__ import annotations
 
 import contextlib
 import glob
-import json
 import os
 import re
 import secrets
 import shutil
-import stat
 from pathlib import Path
 from typing import List, Optional
 
 from rich.console import Console
 from rich.text import Text
 
+from .. import storage
+from ..files import SYMLINK, FileLock, LockedError, NotOursError, NotRegularFile, install_folder
 from .errors import PrepareError
 
 FORMAT, FORMAT_VERSION = "tinycnn-shards", 2  # 2: no .wnid member, optional gzip, source fingerprint
@@ -28,34 +28,27 @@ FORMAT, FORMAT_VERSION = "tinycnn-shards", 2  # 2: no .wnid member, optional gzi
 
 # every name prepare writes into an output (or temporary) folder
 _OUR_FILES = re.compile(r"(manifest|_info)\.json|(train|val|test|unlabeled)-\d{5}\.tar(\.gz)?")
-_MAX_MANIFEST_BYTES = 64 << 20  # the full dataset's manifest is ~40 KB
 
 
-def _read_json(path: Path):
-    """The JSON in the regular file `path` (not a link, at most _MAX_MANIFEST_BYTES); raises OSError or ValueError."""
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
-                 | getattr(os, "O_NONBLOCK", 0))  # a FIFO must not block the open
-    with os.fdopen(fd, "rb") as f:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise ValueError(f"{path} is not a regular file")
-        data = f.read(_MAX_MANIFEST_BYTES + 1)
-    if len(data) > _MAX_MANIFEST_BYTES:
-        raise ValueError(f"{path} is over {_MAX_MANIFEST_BYTES} bytes")
+def _our_manifest(out: Path) -> Optional[dict]:
+    """out/manifest.json, read and checked by tinycnn.storage.read_manifest, when it is prepare's (its format)
+    and a file of the folder's own (not a link); else None."""
+    if (out / "manifest.json").is_symlink():
+        return None
     try:
-        return json.loads(data)
-    except RecursionError:  # nested deeper than Python's stack
-        raise ValueError(f"{path} nests too deeply") from None
+        manifest = storage.read_manifest(out)
+    except (OSError, ValueError, RuntimeError):  # missing, unreadable (ShardError), not a valid manifest
+        return None
+    return manifest if manifest.get("format") == FORMAT else None
 
 
 def read_manifest(out: Path) -> Optional[dict]:
-    """The manifest of a complete prepared folder, else None."""
-    try:
-        manifest = _read_json(out / "manifest.json")
-        complete = manifest.get("format") == FORMAT and (out / "_info.json").is_file() and all(
-            (out / s["file"]).is_file() for split in manifest["splits"].values() for s in split["shards"])
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+    """The manifest of a complete prepared folder (with _info.json and every shard it lists), else None."""
+    manifest = _our_manifest(out)
+    if manifest is None or not (out / "_info.json").is_file():
         return None
-    return manifest if complete else None
+    shards = (s["file"] for split in manifest["splits"].values() for s in split["shards"])
+    return manifest if all((out / f).is_file() for f in shards) else None
 
 
 def foreign_entries(folder: Path) -> List[str]:
@@ -75,10 +68,9 @@ def is_ours(out: Path) -> bool:
     try:
         if out.is_symlink() or not out.is_dir() or foreign_entries(out):
             return False
-        manifest = _read_json(out / "manifest.json")
-        return isinstance(manifest, dict) and manifest.get("format") == FORMAT
-    except (OSError, ValueError):
+    except OSError:
         return False
+    return _our_manifest(out) is not None
 
 
 def is_prepared(out) -> bool:
@@ -95,88 +87,43 @@ def building(out: Path):
     tmp.mkdir()
     try:
         yield tmp
-        _install(tmp, out)
+        try:  # replaces an earlier prepared folder only (is_ours: checked again, in case it changed while we wrote)
+            install_folder(tmp, out, is_ours)
+        except NotOursError:
+            if out.is_symlink() or not out.is_dir():
+                raise PrepareError(f"{out} became a link or a file while preparing; nothing was replaced. "
+                                   "Choose a new or empty --out") from None
+            raise PrepareError(f"{out} is not (or no longer) a folder tinycnn-prepare wrote; nothing was "
+                               "replaced. Choose a new or empty --out") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 
-def _install(tmp: Path, out: Path):
-    """Rename the finished temporary folder to `out`, replacing an earlier prepared folder (only one
-    that is_ours: checked again here, in case it changed while we wrote)."""
-    old = None
-    if os.path.lexists(out):
-        if out.is_symlink() or not out.is_dir():
-            raise PrepareError(f"{out} became a link or a file while preparing; nothing was replaced. "
-                               "Choose a new or empty --out")
-        if not any(out.iterdir()):
-            out.rmdir()  # removes an empty folder only
-        elif not is_ours(out):
-            raise PrepareError(f"{out} is not (or no longer) a folder tinycnn-prepare wrote; nothing was "
-                               "replaced. Choose a new or empty --out")
-        else:  # move it aside until the new one is in place
-            old = out.with_name(f"{out.name}.old-{os.getpid()}-{secrets.token_hex(4)}")
-            out.rename(old)
-    tmp.rename(out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)  # rmtree never follows links out of the folder
-
-
 @contextlib.contextmanager
 def lock(out: Path):
     """Hold OUT.lock (with our pid in it) while we write `out`: a second prepare into the same folder
-    stops at once. The OS drops the lock when the process dies, however it dies."""
-    import fcntl
+    stops at once. The OS drops the lock when the process dies, however it dies; the file is removed at
+    the end. It is used only when it is a regular file of its own (not a link, one link): it is truncated
+    and written, which must never reach another file."""
     path = out.with_name(out.name + ".lock")
-    while True:
-        fd = _open_lock_file(path)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
-            os.close(fd)
-            raise PrepareError(f"{out} is being written by another tinycnn-prepare (pid {holder}); "
-                               "wait for it to finish or stop it, or choose another --out") from None
-        if _same_file(fd, path):
-            break  # else the holder removed the file as we opened it: lock the new one
-        os.close(fd)
-    os.ftruncate(fd, 0)
-    os.write(fd, f"{os.getpid()}\n".encode())
     try:
-        yield
-    finally:
-        if _same_file(fd, path):  # never unlink what replaced our file meanwhile
-            os.unlink(path)
-        os.close(fd)
-
-
-def _same_file(fd: int, path: Path) -> bool:
-    try:
-        return os.path.samestat(os.fstat(fd), os.lstat(path))
-    except OSError:
-        return False
-
-
-def _open_lock_file(path: Path) -> int:
-    """Open (or create) OUT.lock without following a link, and only if it is a regular file of its own
-    (one link): the lock is truncated and written, which must never reach another file."""
-    flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0) \
-        | getattr(os, "O_NONBLOCK", 0)  # a FIFO must not block the open
-    try:
-        fd = os.open(path, flags, 0o644)
-    except OSError as e:
-        if os.path.islink(path):  # O_NOFOLLOW: ELOOP (or EMLINK on some systems)
+        held = FileLock(path, unlink=True).acquire()
+    except LockedError as e:
+        holder = e.holder[:32].strip() or "?"
+        raise PrepareError(f"{out} is being written by another tinycnn-prepare (pid {holder}); "
+                           "wait for it to finish or stop it, or choose another --out") from None
+    except NotRegularFile as e:
+        if e.problem == SYMLINK:
             raise PrepareError(f"{path} is a symbolic link, not a lock file of tinycnn-prepare; remove the link "
                                "or choose another --out") from None
+        raise PrepareError(f"{path} {e.problem}, so it is not a lock file of tinycnn-prepare; remove it or choose "
+                           "another --out") from None
+    except OSError as e:
         raise PrepareError(f"cannot create {path} ({e.strerror}); choose an --out in a folder you can write") \
             from None
-    st = os.fstat(fd)
-    if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
-        os.close(fd)
-        what = "is not a regular file" if not stat.S_ISREG(st.st_mode) else "has other hard links"
-        raise PrepareError(f"{path} {what}, so it is not a lock file of tinycnn-prepare; remove it or choose "
-                           "another --out")
-    return fd
+    with held:
+        yield
 
 
 def _pid_alive(pid: int) -> bool:

@@ -16,7 +16,7 @@ from rich.text import Text
 
 from .. import __version__
 from ..environment import available_cpus
-from .check import IMAGE_SIZE, make_pool, scan
+from .scan import IMAGE_SIZE, make_pool, scan
 from .downloader import DEFAULT_URL, OFFICIAL_MD5, download_official
 from .errors import PrepareError
 from .folder import (FORMAT, FORMAT_VERSION, building, foreign_entries, is_ours, lock, read_manifest,

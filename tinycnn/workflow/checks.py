@@ -19,11 +19,12 @@ from typing import Any, Dict, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn.functional as F
 
-from .augment import GPUAugment
-from .config import Config
-from .data import build_loader
-from .formatting import percent
-from .storage import read_manifest
+from ..augment import GPUAugment
+from ..config import Config
+from ..errors import TinycnnError
+from ..data import build_loader
+from ..formatting import percent
+from ..storage import read_manifest
 
 __all__ = ["CheckError", "split_stats", "split_labels", "check_batch_shape", "baselines", "initial_loss",
            "gradient_check", "save_augment_grid", "grid_size", "run_checks", "print_checks", "LOSS_TOLERANCE"]
@@ -32,7 +33,7 @@ __all__ = ["CheckError", "split_stats", "split_labels", "check_batch_shape", "ba
 LOSS_TOLERANCE = 0.5
 
 
-class CheckError(RuntimeError):
+class CheckError(TinycnnError, RuntimeError):
     """A check that makes the rest meaningless failed (e.g. batches of the wrong shape)."""
 
 
@@ -206,8 +207,8 @@ def run_checks(cfg: Config, output: Union[str, Path], *, accelerator=None, num_i
     a check is flagged (initial loss off, zero gradients)."""
     from accelerate.utils import set_seed
 
-    from .device import make_accelerator
-    from .plan import RunPlan, build_augment, build_model, model_description
+    from ..device import make_accelerator
+    from ..plan import RunPlan, build_augment, build_model, model_description
 
     output = Path(output)
     accelerator = accelerator or make_accelerator(cfg, log=False)
@@ -274,7 +275,7 @@ def run_checks(cfg: Config, output: Union[str, Path], *, accelerator=None, num_i
         output.mkdir(parents=True, exist_ok=True)
         g = torch.Generator(device=device).manual_seed(int(t.seed) + 1)
         save_augment_grid(batch[0][:n].to(device), aug, grid_path, nrow=nrow, generator=g)
-        from .environment import environment_info
+        from ..environment import environment_info
         results["environment"] = environment_info(accelerator)
         (output / "checks.json").write_text(json.dumps(_jsonable(results), indent=1))
     accelerator.wait_for_everyone()

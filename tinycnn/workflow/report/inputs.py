@@ -98,7 +98,7 @@ def detect(path: Union[str, Path]) -> List[Tuple[str, Path]]:
         found.append(("checks", path))
     if names & {"lr_finder.json", "lr_finder.csv"}:
         found.append(("lr_finder", path))
-    grid_tables = names & {"results.json", "results.csv"} or any(n.startswith("results-part-") for n in names)
+    grid_tables = names & {"results.json", "results.csv"}
     if grid_tables or any(grid.is_run_folder(path / n) for n in names):
         found.append(("grid", path))
     if "metrics.jsonl" in names or ("config.yaml" in names and any(n.endswith(".safetensors") for n in names)):
@@ -138,7 +138,7 @@ def collect(paths: Sequence[Union[str, Path]]) -> Inputs:
 
 def _read_yaml(path: Path) -> Optional[Dict[str, Any]]:
     """A run's config.yaml, read as the recipes read configs (size-capped, no aliases); None if unreadable."""
-    from ..config import ConfigError, read_yaml
+    from ...config import ConfigError, read_yaml
     try:
         return read_yaml(path)
     except ConfigError:
@@ -147,7 +147,7 @@ def _read_yaml(path: Path) -> Optional[Dict[str, Any]]:
 
 def checkpoint_metadata(path: Union[str, Path, None]) -> Optional[Dict[str, Any]]:
     """The metadata of a tinycnn safetensors file, None when there is no such readable file."""
-    from ..weights import WeightsError, read_metadata
+    from ...weights import WeightsError, read_metadata
     if not path or not Path(path).is_file():
         return None
     try:
@@ -175,8 +175,9 @@ def load_run(run_dir: Union[str, Path]) -> Dict[str, Any]:
 
 
 def load_grid(grid_dir: Union[str, Path]) -> Dict[str, Any]:
-    """A grid search folder: its sorted rows (tinycnn.grid.load_results) with each run's per-epoch metrics,
-    the base settings when recorded, and the run.json of its first run."""
+    """A grid search folder: its sorted rows (tinycnn.workflow.grid.load_results: the tables, else the run folders
+    with the states of their trials in study.db) with each run's per-epoch metrics, the base settings and the study
+    (name, sampler, pruner) when recorded, and the run.json of its first run."""
     grid_dir = Path(grid_dir)
     results = grid.load_results(grid_dir)
     rows = results["results"]
@@ -186,7 +187,7 @@ def load_grid(grid_dir: Union[str, Path]) -> Dict[str, Any]:
                      if (grid_dir / r["name"] / "run.json").is_file()), None)
     return {"name": grid_dir.name, "path": grid_dir, "rows": rows, "base": results.get("base"),
             "grid": results.get("grid"), "runs_planned": results.get("runs_planned"), "source": results["source"],
-            "run_info": run_info}
+            "study": results.get("study"), "run_info": run_info}
 
 
 def load_lr_finder(folder: Union[str, Path]) -> Dict[str, Any]:
@@ -239,7 +240,7 @@ def layer_table(arch: Dict[str, Any], input_size: Sequence[int] = (1, 3, 64, 64)
     import timm
     import torch
 
-    from .. import model as _registers  # noqa: F401  (the tinycnn timm models)
+    from ... import model as _registers  # noqa: F401  (the tinycnn timm models)
 
     kwargs = {"num_classes": int(arch["num_classes"]), "stage_channels": list(arch["stage_channels"]),
               "stage_repeats": list(arch["stage_repeats"])}

@@ -179,7 +179,7 @@ def plot_overfit(figs: Figures, run: Dict[str, Any]) -> str:
 
 
 def plot_lr_finder(figs: Figures, r: Dict[str, Any]) -> str:
-    """The LR finder's own plot (tinycnn.lr_finder.plot_lr_finder), at the report's resolution."""
+    """The LR finder's own plot (tinycnn.workflow.lr_finder.plot_lr_finder), at the report's resolution."""
     import matplotlib
 
     from ..lr_finder import plot_lr_finder as draw
@@ -244,8 +244,8 @@ def plot_effects(figs: Figures, g: Dict[str, Any], effects: Dict[str, List[Dict[
 def _lr_schedule(run: Dict[str, Any]) -> Optional[Tuple[List[float], List[float]]]:
     """The per-step lr of a run, recomputed from its config (the same lambda as train.py) and its steps per
     epoch (from metrics.jsonl): (epoch positions, lrs). None when it cannot be recomputed."""
-    from ..config import from_dict
-    from ..plan import build_lr_lambda
+    from ...config import from_dict
+    from ...plan import build_lr_lambda
 
     cfg, rec = run["config"] or {}, run["metrics"]
     t = cfg.get("train") or {}

@@ -10,7 +10,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import yaml
 
 from .. import grid
-from ..formatting import count, number, percent, sci
+from ...formatting import count, number, percent, sci
 from .figures import (Figures, plot_class_distribution, plot_classes, plot_comparison, plot_effects, plot_grid_curves,
                       plot_lr_finder, plot_overfit, plot_training)
 from .inputs import KINDS, Loaded, checkpoint_metadata
@@ -131,8 +131,8 @@ def _short(v: Any) -> Any:
 def _settings(cfg: Optional[Dict[str, Any]]) -> str:
     """The training settings of a config in one line, as train.py applies them (RunPlan: an overfit run
     trains without augmentation, weight decay and label smoothing whatever the config says)."""
-    from ..config import ConfigError, from_dict
-    from ..plan import RunPlan
+    from ...config import ConfigError, from_dict
+    from ...plan import RunPlan
 
     if not cfg:
         return "(no config.yaml)"
@@ -550,7 +550,7 @@ def section_reproducibility(ctx: Loaded, figs: Figures, s: Section, command: Opt
     s.add("### This report", "")
     if command:
         s.add("```bash", shlex.join(command), "```", "")
-    from .. import __version__
+    from ... import __version__
     s.add(f"Written {time.strftime('%Y-%m-%d %H:%M:%S %z')} by tinycnn {__version__}; its figures are in "
           "`figures/`.", "")
 

@@ -255,14 +255,15 @@ def _read_marker(folder: Path) -> dict:
     """The folder's marker (.tinycnn-run) as a dict; {} when it is missing or not ours to read."""
     import json
 
-    from .runs import MARKER_NAME, RunFolderError, _open_regular, _read_head
+    from .files import read_head
+    from .runs import MARKER_NAME, RunFolderError, _open_regular
 
     try:
         fd = _open_regular(folder / MARKER_NAME, os.O_RDONLY)
     except (OSError, RunFolderError):
         return {}
     try:
-        info = json.loads(_read_head(fd))
+        info = json.loads(read_head(fd))
     except ValueError:
         return {}
     finally:
@@ -336,7 +337,7 @@ def run_main(fn) -> int:
     from rich.console import Console
     from rich.markup import escape
 
-    from .prepare import PrepareError
+    from .errors import TinycnnError
 
     def say(label: str, msg) -> int:
         Console(stderr=True, soft_wrap=True).print(f"{label} {escape(_one_line(msg, 2000))}", highlight=False)
@@ -349,14 +350,14 @@ def run_main(fn) -> int:
     except KeyboardInterrupt:
         Console(stderr=True).print("[red]interrupted[/red]")
         return 130
-    except (ConfigError, PrepareError, FileNotFoundError, KeyError, ValueError, RuntimeError, MemoryError) as e:
+    except (TinycnnError, FileNotFoundError, MemoryError) as e:  # what users cause; anything else is a bug
         if show_traceback:
             raise
         from .train import TrainingStopped
 
         if isinstance(e, TrainingStopped) and int(os.environ.get("RANK", "0")) > 0:
             return 2  # every rank stops with the same message: rank 0 prints it
-        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+        msg = e
         label = "[bold yellow]stopped:[/bold yellow]" if isinstance(e, TrainingStopped) else "[bold red]error:[/bold red]"
         return say(label, msg)
     except OSError as e:

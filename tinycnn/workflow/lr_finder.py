@@ -22,12 +22,11 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 
 import torch
 
-from .config import Config
-from .data import build_loader
-from .plan import model_description
-from .progress import RunProgress
-from .storage import read_manifest
-from .transfer import DevicePrefetcher
+from ..config import Config
+from ..plan import model_description
+from ..progress import RunProgress
+from ..storage import read_manifest
+from ..transfer import DevicePrefetcher
 
 __all__ = ["lr_sweep", "smooth_losses", "suggest_lr", "stop_check", "find_lr", "write_results", "plot_lr_finder"]
 
@@ -99,32 +98,23 @@ def find_lr(cfg: Config, output: Optional[Union[str, Path]] = None, *, accelerat
     loss, smoothed_loss}], ...}. Under several processes every process trains its part of each batch
     (DDP), the loss is averaged over them, and only the main process writes."""
     from accelerate.utils import set_seed
-    from timm.utils import unwrap_model
 
-    from .device import make_accelerator
-    from .plan import RunPlan, build_augment, build_model, build_optimizer
-    from .step import TrainStep
+    from ..device import make_accelerator
+    from ..plan import RunPlan, build_loaders, build_training
 
-    s, t, d = cfg.lr_finder, cfg.train, cfg.data
-    plan = RunPlan.from_config(cfg)
+    s, t = cfg.lr_finder, cfg.train
     if accelerator is None:
         accelerator = make_accelerator(cfg.replace(["train.grad_accum_steps=1"]), log=False)
     device, world = accelerator.device, accelerator.num_processes
     set_seed(t.seed, device_specific=True)
 
-    manifest = read_manifest(d.root)
-    loader = build_loader(d.root, d.train_split, batch_size=t.batch_size, train=True, subset=plan.train_subset,
-                          rank=accelerator.process_index, world_size=world, num_workers=d.num_workers, seed=t.seed,
-                          shuffle_buffer=d.shuffle_buffer, skip_bad=d.skip_bad, cache_dir=d.cache_dir,
-                          cache_max_bytes=d.cache_max_bytes)
-    model = build_model(cfg, manifest["num_classes"]).to(device)
-    aug = build_augment(cfg, plan, model).to(device)
-    optimizer = build_optimizer(model, t.optimizer, plan, lr=s.min_lr)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    model.train()
-    # the same step as training: the sweep measures the loss training would see at each lr
-    step_fn = TrainStep(model, optimizer, augment=aug, label_smoothing=plan.label_smoothing, grad_clip=t.grad_clip,
-                        accelerator=accelerator)
+    manifest = read_manifest(cfg.data.root)
+    plan = RunPlan.from_config(cfg)
+    loader, _ = build_loaders(cfg, plan, rank=accelerator.process_index, world_size=world, val=False)
+    # training's model, optimizer, augmentation and step (channels_last, compile, mixing as configured): the sweep
+    # measures the loss training would see at each lr; its own lr replaces the schedule's at every step
+    run = build_training(cfg, manifest["num_classes"], accelerator=accelerator, lr=s.min_lr)
+    model, optimizer, step_fn = run.model, run.optimizer, run.step
     lrs = lr_sweep(s.min_lr, s.max_lr, s.num_iters)
 
     def batches():  # as many epochs of the loader as the sweep needs
@@ -177,13 +167,13 @@ def find_lr(cfg: Config, output: Optional[Union[str, Path]] = None, *, accelerat
         "min_loss_lr": min(finite)[1] if finite else None,
         "best_smoothed_loss": min(finite)[0] if finite else None,
         "optimizer": t.optimizer.name, "weight_decay": plan.weight_decay,
-        "batch_size": t.batch_size * world * t.grad_accum_steps,
-        "model": model_description(cfg, unwrap_model(model)),
+        "batch_size": t.batch_size * world * accelerator.gradient_accumulation_steps,
+        "model": model_description(cfg, run.raw_model),
         "points": [{k: (_finite(v) if isinstance(v, float) and k != "lr" else v) for k, v in p.items()} for p in points],
     }
     # the probe's model and optimizer are not kept
     accelerator.free_memory()
-    del model, optimizer
+    del model, optimizer, step_fn, run
     if output is not None and accelerator.is_main_process:
         write_results(result, output, plot=plot)
     accelerator.wait_for_everyone()
@@ -200,7 +190,7 @@ def write_results(result: Dict[str, Any], output: Union[str, Path], plot: bool =
         for p in result["points"]:
             w.writerow([p["step"], repr(p["lr"]), "" if p["loss"] is None else repr(p["loss"]),
                         "" if p["smoothed_loss"] is None else repr(p["smoothed_loss"])])
-    from .environment import environment_info
+    from ..environment import environment_info
     (output / "lr_finder.json").write_text(json.dumps({**result, "environment": environment_info()}, indent=1))
     png = plot_lr_finder(result, output / "lr_finder.png") if plot else None
     return {"csv": output / "lr_finder.csv", "json": output / "lr_finder.json", "png": png}
