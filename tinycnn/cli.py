@@ -29,6 +29,7 @@ DEFAULT_DATA_ROOT = Config().data.root
 # What `--resume` may change: how long the run goes on and how it is read and logged, never what it learns
 # from (data, model, optimizer, schedule shape, seed).
 RESUMABLE_KEYS = ("train.epochs", "train.max_steps", "train.log_every", "train.eval_every", "train.save_every",
+                  "train.save_every_steps",
                   "train.progress_seconds", "data.num_workers", "data.download", "data.skip_bad",
                   "data.cache_dir", "data.cache_max_bytes")
 

@@ -138,6 +138,8 @@ class TrainConfig:
     log_every: int = field(default=50, metadata=_range(ge=1, cap=10**9))    # steps between train/loss points
     eval_every: int = field(default=1, metadata=_range(ge=1, cap=10**9))    # epochs between evaluations
     save_every: int = field(default=1, metadata=_range(ge=1, cap=10**9))    # epochs between last.safetensors + state/
+    # also save state/ every N optimizer steps within an epoch (long epochs on a preemptible cluster); None: off
+    save_every_steps: Optional[int] = field(default=None, metadata=_range(ge=1, cap=10**9))
     progress_seconds: float = field(default=30.0, metadata=_range(gt=0, cap=1_000_000))  # plain lines off a TTY
     # an exponential moving average of the weights (timm's ModelEmaV3), evaluated beside them; the better is best
     ema: bool = False

@@ -62,6 +62,7 @@ except ImportError:
     decode_jpeg = None
 
 from .cache import ShardCache
+from .config import ConfigError
 from .environment import available_cpus
 from .storage import PREPARE_HINT, RETRIES, ShardError, is_url, locate, read_manifest, read_shard, shard_limits
 from .tar import MAX_TAR_BYTES, iter_samples
@@ -70,6 +71,10 @@ __all__ = ["split_shards", "ShardStream", "ShardLoader", "build_loader", "defaul
 
 SKIP_HINT = ("re-run tinycnn-prepare with --force, or skip and count bad samples with data.skip_bad=true "
              "on the recipes' command line (skip_bad=True in Python)")
+
+
+class SplitError(ConfigError, KeyError):
+    """A split the prepared folder does not have (a KeyError too: a lookup by name)."""
 
 
 @dataclass(frozen=True)
@@ -402,7 +407,7 @@ class ShardLoader:
         if stream.train:
             self.num_batches = num_samples // (stream.batch_size * stream.world_size)
             if self.num_batches == 0:
-                raise ValueError(f"{num_samples} samples make no full batch of {stream.batch_size} "
+                raise ConfigError(f"{num_samples} samples make no full batch of {stream.batch_size} "
                                  f"on each of {stream.world_size} processes: lower the batch size (train.batch_size)")
         else:
             workers = max(1, num_workers)
@@ -521,7 +526,7 @@ def build_loader(
     """
     manifest = read_manifest(root, retries)  # checked: names are plain file names, counts whole numbers
     if split not in manifest["splits"]:
-        raise KeyError(f"{root} has no split {split!r} (it has {sorted(manifest['splits'])}); "
+        raise SplitError(f"{root} has no split {split!r} (it has {sorted(manifest['splits'])}); "
                        f"`tinycnn-prepare --holdout 0` writes no test split")
     info = manifest["splits"][split]
     shards = [(locate(root, s["file"]), s["num_samples"]) for s in info["shards"]]
@@ -535,7 +540,7 @@ def build_loader(
     if missing:
         raise ShardError(f"{len(missing)} shard(s) of split {split!r} missing, e.g. {missing[0]}: {PREPARE_HINT}")
     if subset is not None and subset > info["num_samples"]:
-        raise ValueError(f"subset of {subset} samples asked from split {split!r} of {info['num_samples']}")
+        raise ConfigError(f"subset of {subset} samples asked from split {split!r} of {info['num_samples']}")
     shards = _subset(shards, subset)
     num_samples = sum(c for _, c in shards)
     if num_workers is None:

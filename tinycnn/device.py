@@ -7,9 +7,14 @@ import torch
 from accelerate import Accelerator
 from packaging.version import Version
 
-from .config import Config
+from .config import Config, ConfigError
+from .errors import TinycnnError
 
 __all__ = ["resolve_device", "resolve_mixed_precision", "make_accelerator", "out_of_memory_message"]
+
+
+class DeviceError(TinycnnError, RuntimeError):
+    """The configured device is not there."""
 
 
 def resolve_device(name: str) -> str:
@@ -19,11 +24,11 @@ def resolve_device(name: str) -> str:
         return "cuda" if torch.cuda.is_available() else "mps" if mps else "cpu"
     kind, _, index = name.partition(":")
     if kind == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("train.device is cuda but no CUDA device is visible (use train.device=auto or cpu)")
+        raise DeviceError("train.device is cuda but no CUDA device is visible (use train.device=auto or cpu)")
     if kind == "mps" and not mps:
-        raise RuntimeError("train.device is mps but MPS is not available (use train.device=auto or cpu)")
+        raise DeviceError("train.device is mps but MPS is not available (use train.device=auto or cpu)")
     if kind == "cuda" and index:  # accelerate places each process on its own GPU: cuda:N would be ignored
-        raise ValueError(f"train.device={name}: pick the GPU with CUDA_VISIBLE_DEVICES={index} and train.device=cuda "
+        raise ConfigError(f"train.device={name}: pick the GPU with CUDA_VISIBLE_DEVICES={index} and train.device=cuda "
                          "(accelerate gives each process its own GPU)")
     return name
 
@@ -48,7 +53,7 @@ def _mps_mixed_precision(mixed_precision: str) -> str:
         return best
     missing = _mps_missing(mixed_precision)
     if missing:
-        raise ValueError(f"train.mixed_precision={mixed_precision} on mps needs {missing}: use "
+        raise ConfigError(f"train.mixed_precision={mixed_precision} on mps needs {missing}: use "
                          f"train.mixed_precision={best} (what auto picks here)")
     return mixed_precision
 

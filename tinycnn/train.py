@@ -210,6 +210,10 @@ class _Loop:
             self.bar.advance(state["step"], info)
             if state["step"] >= min(self.total_steps, epoch_start + self.steps_per_epoch):
                 break
+            if t.save_every_steps and state["step"] % t.save_every_steps == 0:
+                # within the epoch: a kill loses at most save_every_steps steps; the resumed epoch skips the
+                # batches trained before the save, and its train loss and accuracy cover the steps after it
+                self.save_resumable("steps")
         train_seconds = time.perf_counter() - t0
         self.bar.end_epoch()
 
