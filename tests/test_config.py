@@ -1,6 +1,7 @@
 from pathlib import Path
 
 import pytest
+import torch
 
 from tinycnn.config import Config, ConfigError, SchedulerConfig, load_config, parse_value
 from tinycnn.plan import build_lr_lambda
@@ -89,6 +90,24 @@ def test_schedules():
     one = build_lr_lambda(SchedulerConfig(name="onecycle", pct_start=0.25), 100, 10)
     assert one(0) == pytest.approx(1 / 25) and one(25) == pytest.approx(1.0) and one(100) < 1e-3
     assert max(range(100), key=one) == 25
+
+
+@pytest.mark.parametrize("warmup_epochs, total", [(1, 100), (0.5, 37), (0, 50)])
+def test_the_cosine_schedule_is_timms_with_warmup_one_step_earlier(warmup_epochs, total):
+    """timm's CosineLRScheduler (per step, warmup as a prefix) gives the same cosine; its warmup starts at lr 0,
+    ours one step later, so that no step trains at lr 0."""
+    from timm.scheduler import CosineLRScheduler
+
+    steps_per_epoch, floor = 10, 0.01
+    ours = build_lr_lambda(SchedulerConfig(name="cosine", warmup_epochs=warmup_epochs, min_lr_ratio=floor), total,
+                           steps_per_epoch)
+    warmup = int(round(warmup_epochs * steps_per_epoch))
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    timm_schedule = CosineLRScheduler(optimizer, t_initial=total - warmup, lr_min=floor, warmup_t=warmup,
+                                      warmup_lr_init=0.0, warmup_prefix=True, t_in_epochs=False)
+    timms = [timm_schedule._get_lr(t)[0] for t in range(total + 1)]
+    assert [ours(s) for s in range(warmup)] == pytest.approx(timms[1:warmup + 1])
+    assert [ours(s) for s in range(warmup, total)] == pytest.approx(timms[warmup:total])
 
 
 @pytest.mark.parametrize("override, message", [

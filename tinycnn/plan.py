@@ -108,7 +108,10 @@ def optimizer_implementation(optimizer: torch.optim.Optimizer) -> str:
 
 
 def build_lr_lambda(sched: SchedulerConfig, total_steps: int, steps_per_epoch: int) -> Callable[[int], float]:
-    """Multiplier of the base lr at optimizer step s (0-based), for torch's LambdaLR."""
+    """Multiplier of the base lr at optimizer step s (0-based), for torch's LambdaLR.
+
+    cosine is timm's CosineLRScheduler (per step, warmup as a prefix) with its warmup one step earlier, so that no
+    step trains at lr 0 (tests/test_config.py compares the two); one-cycle is torch's OneCycleLR shape."""
     if sched.name == "none":
         return lambda s: 1.0
     if sched.name == "cosine":
