@@ -7,6 +7,7 @@ from the config's `grid` section, each point trained for grid.epochs epochs with
     python recipes/grid_search.py --gpus 0,1,2,3                    # 4 workers, one per GPU
     python recipes/grid_search.py --workers 2                       # 2 workers on the CPU
     python recipes/grid_search.py --sampler tpe --n-trials 20 --pruner median   # TPE over the grid's ranges
+    python recipes/grid_search.py grid.seeds=[1,2,3]                # each point 3 times: mean ± sd over seeds
     python recipes/grid_search.py --storage postgresql://user@db/tinycnn        # on every machine: workers
     python recipes/grid_search.py --storage /shared/gs/journal.log              # ... or a journal file
     optuna-dashboard sqlite:///checkpoints/grid_search/study.db                 # watch the study
@@ -22,13 +23,17 @@ after --grace-period seconds; a journal file has no heartbeat: such a trial is t
 run again. A trial that ran before is never trained again.
 
 Each trial trains OUTPUT/gs_<index>_lr=.._wd=.._ch=..-..-.._rep=..-..-.. (a train.py run folder: metrics.jsonl,
-best.safetensors, tb/) in a train.py process of its own (log: OUTPUT/logs/<name>.log). Re-running the same
-command continues the study: stopped runs resume from their saved state. After every trial the table sorted by
-best val accuracy is written to OUTPUT/results.md, OUTPUT/results.csv and OUTPUT/results.json, and the run's
-hparams and metrics to its tb/ folder for TensorBoard's HParams view (tensorboard --logdir OUTPUT). A run whose
-loss goes NaN is marked diverged and the study goes on. Ctrl-C or SIGTERM stops the running trial (it saves its
-state) and the worker. A run folder holding a run with another config (or a study of another config) is an
-error unless --overwrite. Needs optuna: pip install "tinycnn[sweep]".
+best.safetensors, tb/) in a train.py process of its own (log: OUTPUT/logs/<name>.log). With grid.seeds every
+point trains once per seed (train.seed; the folder name ends in _seed=<seed>) and the tables rank the points by
+the mean best val accuracy over their seeds, shown as mean ± sample standard deviation (n: seeds finished);
+--sampler tpe refuses grid.seeds. With train.ema a run's val accuracy is the better of its raw and EMA weights'
+(column weights), as best.safetensors keeps. Re-running the same command continues the study: stopped runs resume
+from their saved state. After every trial the table sorted by best val accuracy is written to OUTPUT/results.md,
+OUTPUT/results.csv and OUTPUT/results.json, and the run's hparams and metrics to its tb/ folder for TensorBoard's
+HParams view (tensorboard --logdir OUTPUT). A run whose loss goes NaN is marked diverged and the study goes on.
+Ctrl-C or SIGTERM stops the running trial (it saves its state) and the worker. A run folder holding a run with
+another config (or a study of another config) is an error unless --overwrite. Needs optuna: pip install
+"tinycnn[sweep]".
 """
 import sys
 from pathlib import Path
@@ -63,7 +68,7 @@ def main() -> int:
     parser.add_argument("--grace-period", "--grace_period", type=int, default=None, dest="grace_period",
                         help="seconds without a heartbeat after which another worker takes the trial over "
                              "(default: twice the heartbeat interval)")
-    parser.add_argument("--top", type=int, default=None, help="print only the N best runs")
+    parser.add_argument("--top", type=int, default=None, help="print only the N best runs (points, with grid.seeds)")
     args = parser.parse_intermixed_args()
     relaunch_multi_cpu()
     cfg = config_from_args(args)
@@ -79,6 +84,7 @@ def main() -> int:
     if args.gpus and args.workers:
         raise ConfigError("use one of --gpus and --workers")
     grid.grid_plan(cfg)  # errors in the grid before anything starts
+    grid.check_sampler(cfg, args.sampler)
 
     from rich.console import Console
 
@@ -122,7 +128,12 @@ def main() -> int:
 
 
 def _print(grid, console, results, output, title, top):
-    grid.print_results(results, console, title=f"{title}: {len(results)} runs, by best val accuracy", top=top)
+    if grid.has_seeds(results):
+        points = len({r["index"] for r in results})
+        title = f"{title}: {points} points x {len(results) // max(points, 1)} seeds, by mean best val accuracy"
+    else:
+        title = f"{title}: {len(results)} runs, by best val accuracy"
+    grid.print_results(results, console, title=title, top=top)
     console.print(f"tables: {output / 'results.md'}, {output / 'results.csv'}, {output / 'results.json'}; "
                   f"study: {output / 'study.db'} unless --storage", highlight=False, soft_wrap=True)
 

@@ -124,6 +124,8 @@ def test_the_cosine_schedule_is_timms_with_warmup_one_step_earlier(warmup_epochs
     ("train.device=tpu", "train.device must be one of auto, cpu, cuda, cuda:N, mps"),
     ("train.optimizer.betas=[0.9]", "train.optimizer.betas must be two numbers"),
     ("model=resnet10", "model 'resnet10' is not a timm model; close matches: resnet10t"),
+    ("grid.seeds=[1,2,1]", "grid.seeds must not repeat a seed, got [1, 2, 1]"),
+    ("grid.seeds=[-3]", "grid.seeds must be >= 0, got -3"),
 ])
 def test_every_key_is_type_and_range_checked(override, message):
     """The key, what it takes and what was given, in one line, before anything starts."""
@@ -149,3 +151,10 @@ def test_any_timm_model_takes_only_its_keys():
     assert model_kwargs(cfg) == {"drop_rate": 0.0}  # the variant's own widths, not the defaults'
     cfg = load_config(None, ["stage_channels=[8,16]", "stage_repeats=[1,1]"])
     assert model_kwargs(cfg) == {"drop_rate": 0.0, "stage_channels": [8, 16], "stage_repeats": [1, 1]}
+
+
+def test_grid_seeds_default_to_none_and_load_from_yaml(tmp_path):
+    assert load_config(CONFIGS / "grid_search.yaml").grid.seeds == []  # train.seed only, one run per point
+    path = tmp_path / "seeds.yaml"
+    path.write_text("grid:\n  seeds: [3, 1, 2]\n")
+    assert load_config(path).grid.seeds == [3, 1, 2]  # in the order given

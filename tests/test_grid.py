@@ -169,6 +169,159 @@ def test_best_record_is_the_first_of_the_best():
     assert grid.best_record(records[:1]) is None and grid.best_record([]) is None
 
 
+# ============================================================================= seeds: plan, aggregation, tables
+
+SEEDED = ["grid.lr=[0.001,0.02]", "grid.weight_decay=[0]", "grid.stage_channels=[[8,16]]",
+          "grid.stage_repeats=[[1,1]]", "grid.seeds=[1,2,3]"]
+
+
+def _seeded(index, seed, acc, loss, status="finished", weights="raw", ema=False, tta=None):
+    lr = [0.001, 0.02][index]
+    return {"index": index, "name": grid.run_name(index, lr, 0.0, [8, 16], [1, 1], seed), "lr": lr,
+            "weight_decay": 0.0, "stage_channels": [8, 16], "stage_repeats": [1, 1], "seed": seed,
+            "num_parameters": 100, "val_accuracy": acc, "val_loss": loss, "best_epoch": 1 if acc else None,
+            "epochs": 1, "final_train_loss": 2.0, "status": status, "weights": weights if acc else None, "ema": ema,
+            "tta": tta}
+
+
+def test_grid_seeds_train_every_point_once_per_seed():
+    cfg = load_config(overrides=SEEDED)
+    plan = grid.grid_plan(cfg)
+    assert [(r.index, r.seed) for r in plan] == [(0, 1), (0, 2), (0, 3), (1, 1), (1, 2), (1, 3)]  # seed fastest
+    assert plan[4].name == "gs_001_lr=0.02_wd=0_ch=8-16_rep=1-1_seed=2"
+    assert grid.run_config(cfg, plan[4]).train.seed == 2 and grid.run_config(cfg, plan[4]).run_name == plan[4].name
+    space = grid.search_space(plan)
+    assert space["seed"] == [1, 2, 3] and space["lr"] == [0.001, 0.02]  # one more dimension of the grid
+    point = {"lr": 0.02, "weight_decay": 0.0, "stage_channels": "8-16", "stage_repeats": "1-1"}
+    assert grid.trial_run({**point, "seed": 2}, plan, "grid", 0) == plan[4]
+    for bad in (point, {**point, "seed": 4}, {**point, "seed": "2"}, {**point, "seed": 2.0}):
+        with pytest.raises(ValueError, match="not a point of this grid"):
+            grid.trial_run(bad, plan, "grid", 0)
+    # without seeds: train.seed, names and the space as before
+    plain = grid.grid_plan(cfg.replace(["grid.seeds=[]"]))
+    assert [r.seed for r in plain] == [None, None] and plain[1].name == "gs_001_lr=0.02_wd=0_ch=8-16_rep=1-1"
+    assert "seed" not in grid.search_space(plain) and grid.run_config(cfg, plain[1]).train.seed == cfg.train.seed
+    with pytest.raises(ValueError, match="trial params"):
+        grid.trial_run({**point, "seed": 1}, plain, "grid", 0)
+    # TPE would tune the seed: refused in one line
+    with pytest.raises(ConfigError, match=r"^--sampler tpe samples one run per trial .* leave grid.seeds empty$"):
+        grid.check_sampler(cfg, "tpe")
+    grid.check_sampler(cfg, "grid")
+    grid.check_sampler(cfg.replace(["grid.seeds=[]"]), "tpe")
+
+
+def test_grid_seeds_are_checked_and_counted_in_the_run_limit():
+    for bad, message in (("grid.seeds=[1,1]", "must not repeat"), ("grid.seeds=[-1]", ">= 0"),
+                         ("grid.seeds=[1.5]", "integers"), ("grid.seeds=[true]", "integers")):
+        with pytest.raises(ConfigError, match=message):
+            load_config(overrides=[bad])
+    values = ",".join(f"{0.001 * (i + 1)!r}" for i in range(50))
+    square = [f"grid.lr=[{values}]", f"grid.weight_decay=[{values}]", "grid.stage_channels=[[8]]",
+              "grid.stage_repeats=[[1]]"]  # 2,500 points
+    assert len(grid.grid_plan(load_config(overrides=square + ["grid.seeds=[1,2,3,4]"]))) == grid.MAX_GRID_RUNS
+    with pytest.raises(ConfigError, match=r"12,500 runs .*times grid.seeds.*at most 10,000"):
+        load_config(overrides=square + ["grid.seeds=[1,2,3,4,5]"])
+
+
+def test_aggregate_seeds_mean_sample_sd_and_n():
+    rows = [_seeded(0, 1, 0.30, 1.5), _seeded(0, 2, 0.34, 1.4), _seeded(0, 3, 0.26, 1.6, weights="ema", ema=True),
+            _seeded(1, 1, 0.40, 1.2), _seeded(1, 2, None, None, "diverged"), _seeded(1, 3, None, None, "waiting")]
+    points = grid.aggregate_seeds(rows)
+    # point 1: one seed finished (40%) beats point 0's mean (30%); its sd is undefined with one seed
+    assert [(p["rank"], p["index"], p["n"], p["seeds"]) for p in points] == [(1, 1, 1, 3), (2, 0, 3, 3)]
+    one, three = points
+    assert one["val_accuracy"] == pytest.approx(0.40) and one["val_accuracy_sd"] is None
+    assert one["status"] == "1 finished, 1 diverged, 1 waiting" and one["seeds_done"] == [1]
+    # (0.30 + 0.34 + 0.26) / 3 = 0.30; sample sd sqrt((0 + 0.04^2 + 0.04^2) / 2) = 0.04
+    assert three["val_accuracy"] == pytest.approx(0.30) and three["val_accuracy_sd"] == pytest.approx(0.04)
+    # losses 1.5, 1.4, 1.6: mean 1.5, sd sqrt((0 + 0.01 + 0.01) / 2) = 0.1
+    assert three["val_loss"] == pytest.approx(1.5) and three["val_loss_sd"] == pytest.approx(0.1)
+    assert three["status"] == "finished" and three["weights"] == "ema 1, raw 2" and three["ema"]
+    assert three["name"] == "gs_000_lr=0.001_wd=0_ch=8-16_rep=1-1" and three["runs"] == [r["name"] for r in rows[:3]]
+    assert grid.format_spread(three) == "30.00 ± 4.00% (n=3)"
+    assert grid.format_spread(three, "val_loss") == "1.5000 ± 0.1000 (n=3)"
+    assert grid.format_spread(one) == "40.00% (n=1 of 3)"
+    # two seeds: sd = |a - b| / sqrt(2); a point without a finished seed ranks last; equal means: lower loss first
+    two = grid.aggregate_seeds([_seeded(0, 1, 0.2, 2.0), _seeded(0, 2, 0.5, 1.0), _seeded(1, 1, 0.35, 1.4),
+                                _seeded(1, 2, 0.35, 1.4)])
+    assert [p["index"] for p in two] == [1, 0]  # means 0.35 each: losses 1.4 < 1.5
+    assert two[1]["val_accuracy_sd"] == pytest.approx(0.3 / math.sqrt(2)) and two[0]["val_accuracy_sd"] == 0
+    none_done = grid.aggregate_seeds([_seeded(0, 1, None, None, "running"), _seeded(1, 1, 0.1, 2.0)])
+    assert [(p["index"], p["n"]) for p in none_done] == [(1, 1), (0, 0)]
+    assert grid.format_spread(none_done[1]) == "- (n=0 of 1)"
+
+
+def test_seeded_tables_keep_every_run_and_read_back(tmp_path):
+    rows = [_seeded(0, 1, 0.30, 1.5), _seeded(0, 2, 0.34, 1.4), _seeded(0, 3, 0.26, 1.6),
+            _seeded(1, 1, 0.40, 1.2), _seeded(1, 2, None, None, "diverged"), _seeded(1, 3, 0.16, 1.8)]
+    paths = grid.write_results(rows, tmp_path, meta={"title": "t"})
+    md = paths["md"].read_text()
+    points_part, runs_part = md.split("## Every run")
+    table = [line for line in points_part.splitlines() if line.startswith("| ") and "gs_" in line]
+    assert [line.split("|")[2].strip() for line in table] == ["gs_000_lr=0.001_wd=0_ch=8-16_rep=1-1",
+                                                              "gs_001_lr=0.02_wd=0_ch=8-16_rep=1-1"]
+    assert "30.00 ± 4.00% (n=3)" in table[0] and "28.00 ± 16.97% (n=2 of 3)" in table[1]  # 0.4, 0.16: sd 0.1697
+    assert "1 diverged" in table[1]
+    assert len([line for line in runs_part.splitlines() if "_seed=" in line]) == 6
+    rows_csv = list(csv.DictReader(paths["csv"].open()))
+    assert [(r["row"], r["rank"], r["seed"]) for r in rows_csv[:2]] == [("mean", "1", ""), ("mean", "2", "")]
+    assert [r["n"] for r in rows_csv[:2]] == ["3", "2"] and float(rows_csv[0]["val_accuracy_sd"]) == pytest.approx(0.04)
+    assert [r["row"] for r in rows_csv[2:]] == ["run"] * 6 and rows_csv[2]["seed"] == "1"  # 40%: the best run
+    data = json.loads(paths["json"].read_text())
+    assert data["best"]["name"] == "gs_000_lr=0.001_wd=0_ch=8-16_rep=1-1" and data["best"]["n"] == 3
+    assert data["num_runs"] == 6 and data["num_points"] == 2 and len(data["results"]) == 6
+    from_json = grid.load_results(tmp_path)
+    assert [p["val_accuracy"] for p in from_json["points"]] == pytest.approx([0.30, 0.28])
+    paths["json"].unlink()
+    from_csv = grid.load_results(tmp_path)  # the points' rows are left out and recomputed from the runs'
+    assert sorted((r["name"], r["seed"], r["val_accuracy"]) for r in from_csv["results"]) == \
+        sorted((r["name"], r["seed"], r["val_accuracy"]) for r in rows)
+    assert [(p["index"], p["n"], p["seeds"]) for p in from_csv["points"]] == [(0, 3, 3), (1, 2, 3)]
+    assert from_csv["points"][0]["val_accuracy_sd"] == pytest.approx(0.04)
+
+
+def test_results_files_written_before_seeds_read_the_same(tmp_path):
+    (tmp_path / "results.csv").write_text(
+        ",".join(grid.RESULT_COLUMNS) + "\n"
+        "1,1,gs_001_lr=0.02_wd=0_ch=8-16_rep=1-1,0.02,0.0,8-16,1-1,100,0.4,1.2,1,1,2.0,finished\n"
+        "2,0,gs_000_lr=0.001_wd=0_ch=8-16_rep=1-1,0.001,0.0,8-16,1-1,100,0.3,1.5,1,1,2.0,finished\n")
+    old = grid.load_results(tmp_path)
+    assert old["points"] is None and [(r["index"], r["seed"], r["val_accuracy"]) for r in old["results"]] == \
+        [(1, None, 0.4), (0, None, 0.3)]
+    (tmp_path / "results.json").write_text(json.dumps({"results": [_result(0, 0.3, 1.5), _result(1, 0.4, 1.2)]}))
+    assert [r["index"] for r in grid.load_results(tmp_path)["results"]] == [1, 0]
+    assert grid.load_results(tmp_path)["points"] is None
+
+
+def test_ema_val_accuracy_is_the_better_weights(tmp_path):
+    records = [{"epoch": 1, "val/accuracy": 0.30, "val/loss": 1.9, "val_ema/accuracy": 0.20, "val_ema/loss": 2.1},
+               {"epoch": 2, "val/accuracy": 0.31, "val/loss": 1.8, "val_ema/accuracy": 0.35, "val_ema/loss": 1.7,
+                "val_ema/top5": 0.8, "tta": "flip"},
+               {"epoch": 3, "val/accuracy": 0.35, "val/loss": 1.6, "val_ema/accuracy": 0.35, "val_ema/loss": 1.5}]
+    assert grid.val_figures(records[0])["weights"] == "raw"
+    assert grid.val_figures(records[2])["weights"] == "raw"  # a tie: the raw weights, as train() keeps
+    best = grid.best_val(records)  # 0.35 at epoch 2 (EMA) and epoch 3 (raw): the first
+    assert (best["epoch"], best["accuracy"], best["loss"], best["top5"], best["weights"], best["tta"]) == \
+        (2, 0.35, 1.7, 0.8, "ema", "flip")
+    assert grid.best_record(records)["epoch"] == 2
+    run = grid.grid_plan(load_config(overrides=SEEDED))[0]
+    (tmp_path / run.name).mkdir()
+    (tmp_path / run.name / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    row = grid.run_result(run, tmp_path / run.name, "finished")
+    assert (row["val_accuracy"], row["val_loss"], row["weights"], row["ema"], row["tta"], row["seed"]) == \
+        (0.35, 1.7, "ema", True, "flip", 1)
+    md = grid.results_markdown([row])
+    assert "| weights |" in md and "| EMA |" in md and "the better of its raw and its EMA weights'" in md
+    assert "measured with flip TTA" in md
+    plain = grid.results_markdown([_result(0, 0.3, 1.5)])
+    assert "weights" not in plain and "TTA" not in plain  # a grid without EMA or TTA: the table as before
+    paths = grid.write_results([row], tmp_path)
+    assert list(csv.DictReader(paths["csv"].open()))[-1]["weights"] == "ema"
+    paths["json"].unlink()
+    back = grid.load_results(tmp_path)["results"][-1]
+    assert (back["weights"], back["ema"], back["tta"]) == ("ema", True, "flip")
+
+
 # ============================================================================= the study: params, storage, refusals
 
 SMALL = ["grid.lr=[0.001,0.02]", "grid.weight_decay=[0,1e-4]", "grid.stage_channels=[[8,16],[16,32]]",
@@ -228,6 +381,14 @@ def test_storages_and_the_study_of_another_config(tmp_path):
         with pytest.raises(ConfigError, match="was not made by tinycnn's grid search"):
             grid.open_study(db, "theirs", cfg, overwrite=overwrite)
     assert len(optuna.load_study(study_name="theirs", storage=db).trials) == 1  # never deleted
+    # a study without grid.seeds records its grid as before they existed (such studies are joined as they were)
+    assert "seeds" not in study.user_attrs["tinycnn"]["grid"]
+    seeded = grid.open_study(db, "seeded", cfg.replace(["grid.seeds=[1,2]"]))
+    assert seeded.user_attrs["tinycnn"]["grid"]["seeds"] == [1, 2]
+    with pytest.raises(ConfigError, match="searches another config or sampler"):
+        grid.open_study(db, "seeded", cfg)
+    with pytest.raises(ConfigError, match="--sampler tpe samples one run per trial"):
+        grid.open_study(db, "seeded_tpe", cfg.replace(["grid.seeds=[1,2]"]), sampler="tpe")
 
 
 def test_worker_arguments():
@@ -353,6 +514,46 @@ def test_a_diverged_run_is_recorded_and_the_study_goes_on(sample_shards, tmp_pat
     assert "loss is nan" in json.loads((tmp_path / results[0]["name"] / "grid_failed.json").read_text())["error"]
     assert grid.run_grid(cfg, tmp_path, progress=False)[0]["status"] == "diverged"  # not trained again
     assert (tmp_path / "logs" / f"{results[0]['name']}.log").read_text().count("== trial") == 1
+
+
+@pytest.mark.slow
+def test_a_grid_with_two_seeds_trains_each_point_twice(sample_shards, tmp_path):
+    """One point, grid.seeds=[1,2], train.ema and flip TTA on: two runs with their own seeds, one point of n=2."""
+    pytest.importorskip("optuna")
+    cfg = load_config(REPO / "recipes" / "configs" / "grid_search.yaml",
+                      [f"data.root={sample_shards}", *GRID, "grid.lr=[0.02]", "grid.stage_repeats=[[1,1]]",
+                       "grid.seeds=[1,2]", "train.ema=true", "train.ema_decay=0.5", "train.tta=flip"])
+    results = grid.run_grid(cfg, tmp_path, progress=False)
+    names = ["gs_000_lr=0.02_wd=1e-4_ch=8-16_rep=1-1_seed=1", "gs_000_lr=0.02_wd=1e-4_ch=8-16_rep=1-1_seed=2"]
+    assert sorted(r["name"] for r in results) == names and all(r["status"] == "finished" for r in results)
+    trials = _trials(tmp_path)
+    assert sorted((t.state.name, t.params["seed"], t.user_attrs["run"]) for t in trials) == \
+        [("COMPLETE", 1, names[0]), ("COMPLETE", 2, names[1])]
+    losses = []
+    for seed, name in enumerate(names, 1):
+        assert yaml.safe_load((tmp_path / name / "config.yaml").read_text())["train"]["seed"] == seed
+        [record] = grid.read_metrics(tmp_path / name)
+        assert record["tta"] == "flip" and record["val_ema/accuracy"] is not None
+        row = next(r for r in results if r["name"] == name)
+        better = max(record["val/accuracy"], record["val_ema/accuracy"])
+        assert row["val_accuracy"] == better and row["weights"] == grid.val_figures(record)["weights"]
+        assert row["tta"] == "flip" and row["seed"] == seed
+        losses.append(record["train/loss"])
+    assert losses[0] != losses[1]  # distinct seeds: distinct runs
+    accs = sorted(r["val_accuracy"] for r in results)
+    data = json.loads((tmp_path / "results.json").read_text())
+    [point] = data["points"]
+    assert (point["n"], point["seeds"], point["seeds_done"]) == (2, 2, [1, 2])
+    assert point["val_accuracy"] == pytest.approx(sum(accs) / 2)
+    assert point["val_accuracy_sd"] == pytest.approx((accs[1] - accs[0]) / math.sqrt(2))
+    assert data["best"]["name"] == "gs_000_lr=0.02_wd=1e-4_ch=8-16_rep=1-1" and data["base"]["seeds"] == [1, 2]
+    md = (tmp_path / "results.md").read_text()
+    assert f"{grid.format_spread(point)}" in md and "(n=2)" in md and "measured with flip TTA" in md
+    assert [r["row"] for r in csv.DictReader((tmp_path / "results.csv").open())] == ["mean", "run", "run"]
+    again = grid.run_grid(cfg, tmp_path, progress=False)  # finished: nothing trained again
+    assert [(r["name"], r["val_accuracy"]) for r in again] == [(r["name"], r["val_accuracy"]) for r in results]
+    for name in names:
+        assert (tmp_path / "logs" / f"{name}.log").read_text().count("== trial") == 1
 
 
 def _wait(what, timeout=180, poll=0.05):

@@ -226,6 +226,64 @@ def test_report_from_synthetic_outputs_without_training(tmp_path):
         assert png_size(out / fig)[0] > 300
 
 
+def _metrics_lines(records):
+    return "".join(json.dumps({"step": 10 * r["epoch"], "train/loss": 2.0, "val/loss": 1.9, **r}) + "\n"
+                   for r in records)
+
+
+def test_report_shows_seed_spread_and_ema_tta_labels(tmp_path):
+    """A grid with grid.seeds (run folders only), EMA and flip TTA in its runs and in a training run, an evaluation
+    with flip TTA: mean ± sd (n) per point, and every accuracy says its weights and TTA."""
+    cfg = load_config(CONFIGS / "grid_search.yaml", ["grid.lr=[0.001,0.01]", "grid.weight_decay=[0]",
+                                                     "grid.stage_channels=[[8,16]]", "grid.stage_repeats=[[1,1]]",
+                                                     "grid.seeds=[1,2]", "train.ema=true", "train.tta=flip"])
+    epochs = {  # per run: (raw, EMA) val accuracy per epoch
+        (0, 1): [(0.10, 0.05), (0.20, 0.15)], (0, 2): [(0.15, 0.10), (0.30, 0.25)],  # raw best: 0.20, 0.30
+        (1, 1): [(0.30, 0.40)], (1, 2): [(0.35, 0.30)]}                              # 0.40 EMA, 0.35 raw
+    for run in grid.grid_plan(cfg):
+        d = tmp_path / "grid" / run.name
+        d.mkdir(parents=True)
+        d.joinpath("config.yaml").write_text(yaml.safe_dump(grid.run_config(cfg, run).to_dict()))
+        d.joinpath("metrics.jsonl").write_text(_metrics_lines(
+            {"epoch": e, "val/accuracy": raw, "val_ema/accuracy": ema, "val_ema/loss": 1.8, "tta": "flip"}
+            for e, (raw, ema) in enumerate(epochs[run.index, run.seed], 1)))
+    run_dir = tmp_path / "ema_run"
+    run_dir.mkdir()
+    run_dir.joinpath("config.yaml").write_text(yaml.safe_dump(load_config(
+        CONFIGS / "timm-like.yaml", ["stage_channels=[8,16]", "stage_repeats=[1,1]"]).to_dict()))
+    run_dir.joinpath("metrics.jsonl").write_text(_metrics_lines(
+        [{"epoch": 1, "val/accuracy": 0.25, "val_ema/accuracy": 0.20, "tta": "flip"},
+         {"epoch": 2, "val/accuracy": 0.30, "val_ema/accuracy": 0.45, "val_ema/loss": 1.5, "tta": "flip"}]))
+    write_json(tmp_path / "eval.json", {**evaluation_json([0.2, 0.8], split="test"), "tta": "flip",
+                                        "checkpoint": str(tmp_path / "nowhere" / "best.safetensors")})
+    text = build_report([tmp_path], tmp_path / "report").read_text()
+
+    grid_part = section(text, 5)
+    assert "seeds 1, 2 (each point once per seed)" in grid_part and "4 runs (2 points x 2 seeds)" in grid_part
+    points = [ln for ln in grid_part.split("### Every run")[0].splitlines() if re.match(r"\| \d \| `gs_", ln)]
+    # point 1: 0.40 (EMA) and 0.35 (raw): mean 37.50%, sd 0.05 / sqrt(2) = 3.54 points
+    assert points[0].startswith("| 1 | `gs_001` |") and "| 37.50 ± 3.54% (n=2) |" in points[0]
+    assert "| EMA 1, raw 1, flip TTA |" in points[0]
+    # point 0: 0.20 and 0.30 (raw): mean 25.00%, sd 0.1 / sqrt(2) = 7.07 points
+    assert points[1].startswith("| 2 | `gs_000` |") and "| 25.00 ± 7.07% (n=2) |" in points[1]
+    assert "| raw, flip TTA |" in points[1]
+    runs = {ln.split("|")[2].strip(): ln for ln in grid_part.split("### Every run")[1].splitlines()
+            if re.match(r"\| \d \| `gs_", ln)}
+    assert set(runs) == {"`gs_000_seed=1`", "`gs_000_seed=2`", "`gs_001_seed=1`", "`gs_001_seed=2`"}
+    assert "| 40.00% |" in runs["`gs_001_seed=1`"] and "| EMA, flip TTA |" in runs["`gs_001_seed=1`"]
+    assert "| 35.00% |" in runs["`gs_001_seed=2`"] and "| raw, flip TTA |" in runs["`gs_001_seed=2`"]
+    assert "the better of its raw and its EMA weights'" in grid_part and "measured with flip TTA" in grid_part
+    assert "Best: **gs_001_lr=0.01_wd=0_ch=8-16_rep=1-1** with a mean best val accuracy of 37.50 ± 3.54% (n=2)" \
+        in grid_part
+    full = section(text, 6)
+    row = [ln for ln in full.splitlines() if ln.startswith("| `ema_run` |")][0]
+    assert "**45.00%** (epoch 2) | EMA, flip TTA |" in row  # the EMA weights beat the raw ones (30%)
+    ev = [ln for ln in section(text, 7).splitlines() if ln.startswith("| `eval` |")][0]
+    assert "| ?, flip TTA |" in ev  # its checkpoint is not there: its weights are not known
+    for fig in re.findall(r"\]\((figures/[^)]+)\)", text):
+        assert png_size(tmp_path / "report" / fig)[0] > 300
+
+
 def test_report_help(monkeypatch, capsys):
     monkeypatch.chdir("/")
     monkeypatch.setattr(sys, "argv", ["recipes/report.py", "--help"])
@@ -370,6 +428,21 @@ def test_numbers_match_the_inputs(built, project):
     built_model = timm.create_model("tinycnn", num_classes=10, stage_channels=[8, 16], stage_repeats=[1, 1])
     assert total == sum(p.numel() for p in built_model.parameters()) == checks["num_parameters"]
     assert "| 8 x 64 x 64 |" in model and "| 16 x 32 x 32 |" in model
+
+
+@pytest.mark.slow
+def test_accuracies_say_their_weights_and_tta(built):
+    _, text = built  # no train.ema, no train.tta anywhere in the project: raw weights, no TTA, said everywhere
+    grid_part = section(text, 5)
+    assert "Val accuracy of the raw weights (no train.ema), without TTA." in grid_part
+    assert all("| raw, no TTA |" in ln for ln in grid_part.splitlines() if re.match(r"\| \d \| `gs_", ln))
+    assert "±" not in grid_part and "| seed |" not in grid_part  # a grid without seeds: single runs
+    for name in ("original", "recommended"):
+        row = [ln for ln in section(text, 6).splitlines() if ln.startswith(f"| `{name}` |")][0]
+        assert "| raw, no TTA |" in row
+    assert "(raw weights, no TTA)." in section(text, 6)  # the best checkpoint's metadata
+    row = [ln for ln in section(text, 7).splitlines() if ln.startswith("| `test` |")][0]
+    assert "| raw, no TTA |" in row  # best.safetensors says raw weights; the evaluation ran without TTA
 
 
 @pytest.mark.slow

@@ -46,7 +46,7 @@ def _range(ge=None, gt=None, le=None, lt=None, cap=None) -> Dict[str, Any]:
 MAX_CONFIG_BYTES = 256 << 10  # a config file is a page of keys (a few KiB): anything larger is not one
 MAX_CHANNELS = 8192          # per stage
 MAX_REPEATS = 256            # blocks per stage
-MAX_GRID_RUNS = 10_000       # combinations of one grid search
+MAX_GRID_RUNS = 10_000       # runs of one grid search (combinations x seeds)
 # A run name is a folder name (checkpoints/<run_name>, a grid's OUTPUT/<name>): never a path.
 RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._=+-]{0,199}")
 
@@ -168,6 +168,8 @@ class GridConfig:  # grid_search.py's Optuna study: GridSampler tries every comb
     stage_channels: Union[List[List[int]], List[int]] = field(default_factory=lambda: [[48, 96, 192], [64, 128, 256]])
     stage_repeats: Union[List[List[int]], List[int]] = field(default_factory=lambda: [[1, 1, 1], [2, 2, 2], [3, 3, 3]])
     epochs: int = field(default=3, metadata=_range(ge=1, cap=100_000))
+    # each point trained once per seed (train.seed), shown as mean ± sd over them; empty: once, with train.seed
+    seeds: List[int] = field(default_factory=list, metadata=_range(ge=0, cap=2**32 - 1))
 
 
 @dataclass
@@ -371,12 +373,15 @@ def _check(cfg: Config):
             if option and (len(option) > 64 or max(option) > cap):
                 raise ConfigError(f"grid.{key} takes at most 64 stages of at most {cap:,} each, "
                                   f"got {_shown(option)}")
+    seeds = cfg.grid.seeds
+    if len(set(seeds)) != len(seeds):
+        raise ConfigError(f"grid.seeds must not repeat a seed, got {_shown(seeds)}")
     runs = math.prod(_grid_options(getattr(cfg.grid, key), nested)
                      for key, nested in (("lr", False), ("weight_decay", False), ("stage_channels", True),
-                                         ("stage_repeats", True)))
+                                         ("stage_repeats", True))) * max(1, len(seeds))
     if runs > MAX_GRID_RUNS:
-        raise ConfigError(f"grid: {runs:,} combinations of grid.lr, grid.weight_decay, grid.stage_channels and "
-                          f"grid.stage_repeats; at most {MAX_GRID_RUNS:,} in one grid search")
+        raise ConfigError(f"grid: {runs:,} runs (combinations of grid.lr, grid.weight_decay, grid.stage_channels and "
+                          f"grid.stage_repeats, times grid.seeds); at most {MAX_GRID_RUNS:,} in one grid search")
     if t.device not in ("auto", "cpu", "cuda", "mps") and not re.fullmatch(r"cuda:\d+", t.device):
         raise ConfigError(f"train.device must be one of auto, cpu, cuda, cuda:N, mps, got {t.device!r}")
     a = cfg.augment

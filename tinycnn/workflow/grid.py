@@ -4,15 +4,18 @@ The points are cfg.grid's combinations (lr x weight_decay x stage_channels x sta
 order, the last varying fastest), all with the same seed and grid.epochs epochs. Optuna's GridSampler tries
 every one of them (the default); TPE (sampler="tpe", n_trials=N) searches the same ranges instead (lr and
 weight decay between the grid's smallest and largest values, on a log scale when positive; widths and depths
-among the grid's options). A pruner ("median": optuna's MedianPruner) stops trials whose per-epoch val
-accuracy falls behind: the worker reads the trial's metrics.jsonl as it grows and reports each epoch.
+among the grid's options). With grid.seeds (say [1, 2, 3]) every point is trained once per seed (train.seed set
+to each; the seed is one more dimension of GridSampler's space) and the tables rank the points by the mean of
+their runs' best val accuracy, shown as mean ± sample standard deviation over the seeds that finished (n); TPE
+refuses grid.seeds (it would tune the seed). A pruner ("median": optuna's MedianPruner) stops trials whose
+per-epoch val accuracy falls behind: the worker reads the trial's metrics.jsonl as it grows and reports each epoch.
 
 Each trial is an ordinary run folder OUTPUT/<name>, named like ``gs_007_lr=0.002_wd=1e-4_ch=64-128-256_rep=2-2-2``
-(the 3-digit index of the point in product order; for TPE, the trial number), trained by the train recipe in
-a child process (`python -m tinycnn.recipes.train`, its log in OUTPUT/logs/<name>.log). A folder whose
-metrics.jsonl already holds every epoch (with the same config) is not trained again, a stopped one resumes
-from its saved state (train --resume). A run whose loss goes NaN is recorded as diverged (a FAIL trial with
-user attribute status=diverged) and the study goes on.
+(the 3-digit index of the point in product order; for TPE, the trial number; with grid.seeds a ``_seed=<seed>``
+suffix), trained by the train recipe in a child process (`python -m tinycnn.recipes.train`, its log in
+OUTPUT/logs/<name>.log). A folder whose metrics.jsonl already holds every epoch (with the same config) is not
+trained again, a stopped one resumes from its saved state (train --resume). A run whose loss goes NaN is recorded
+as diverged (a FAIL trial with user attribute status=diverged) and the study goes on.
 
 The study lives in a storage: SQLite in OUTPUT/study.db by default, any database URL, or a journal file
 (optuna's JournalStorage: a path without "://", for a filesystem shared by several machines). Any number of
@@ -22,6 +25,8 @@ worker that died (even SIGKILL) is failed after the grace period and queued agai
 (RetryHeartbeatStaleTrialCallback), and the next worker resumes its run folder. Optuna's journal storage has
 no heartbeat: there such a trial waits for the command to be run again after that worker is gone.
 
+A run's val accuracy is that of its best epoch; with train.ema the better of the raw and the EMA weights' (as
+best.safetensors keeps), its row's `weights` says which, and `tta` whether flip TTA scored it.
 After each trial the table of results, sorted by best val accuracy, is written as OUTPUT/results.md,
 OUTPUT/results.csv and OUTPUT/results.json, and the run's hparams and final metrics go to
 OUTPUT/<name>/tb/hparams for TensorBoard's HParams view (`tensorboard --logdir OUTPUT`).
@@ -57,15 +62,22 @@ from ..errors import TinycnnError
 from ..formatting import count, dashed, number, percent
 from ..storage import read_manifest
 
-__all__ = ["GridRun", "format_lr", "format_wd", "format_value", "short_name", "run_name", "is_run_folder", "grid_plan",
-           "run_config", "expected_steps", "read_metrics", "best_record", "run_status", "run_result", "sort_results",
-           "results_markdown", "write_results", "load_results", "write_hparams", "results_meta", "search_space",
-           "import_optuna", "make_storage", "default_storage", "open_study", "study_results", "run_grid",
-           "worker_argv", "launch_workers", "print_results", "RESULT_COLUMNS", "SAMPLERS", "PRUNERS", "STUDY_FILE",
-           "SWEEP_EXTRA", "SearchError"]
+__all__ = ["GridRun", "format_lr", "format_wd", "format_value", "format_spread", "short_name", "run_label",
+           "run_name", "is_run_folder", "grid_plan", "run_config", "expected_steps", "read_metrics", "val_figures",
+           "best_val", "best_record", "run_status", "run_result", "sort_results", "aggregate_seeds", "has_seeds",
+           "evaluation_note", "results_markdown", "write_results", "load_results", "write_hparams", "results_meta",
+           "search_space", "check_sampler", "import_optuna", "make_storage", "default_storage", "open_study",
+           "study_results", "run_grid", "worker_argv", "launch_workers", "print_results", "RESULT_COLUMNS",
+           "SEED_COLUMNS", "EVAL_COLUMNS", "SAMPLERS", "PRUNERS", "STUDY_FILE", "SWEEP_EXTRA", "SearchError"]
 
 RESULT_COLUMNS = ["rank", "index", "name", "lr", "weight_decay", "stage_channels", "stage_repeats", "num_parameters",
                   "val_accuracy", "val_loss", "best_epoch", "epochs", "final_train_loss", "status"]
+# results.csv's columns after RESULT_COLUMNS, only when a grid has seeds: `row` is "mean" (a point, over its seeds:
+# val_accuracy and val_loss are means, n the seeds that finished of `seeds` planned) or "run" (one seed's run)
+SEED_COLUMNS = ["row", "seed", "n", "seeds", "val_accuracy_sd", "val_loss_sd"]
+# ... and only when a run evaluated EMA weights or used TTA: which weights gave val_accuracy ("raw" or "ema"),
+# whether EMA weights were evaluated (train.ema), and the TTA of the evaluations (train.tta)
+EVAL_COLUMNS = ["weights", "ema", "tta"]
 
 # keys that do not change a run's result: a finished run stays finished when only these differ
 _IGNORED_KEYS = ("data.source", "data.download", "data.num_workers", "data.device_resident", "train.device",
@@ -102,11 +114,18 @@ def short_name(index: int) -> str:
     return f"gs_{index:03d}"
 
 
+def run_label(index: int, seed: Optional[int] = None) -> str:
+    """short_name, with `_seed=<seed>` for one seed's run of a grid with seeds."""
+    return short_name(index) + ("" if seed is None else f"_seed={seed}")
+
+
 def run_name(index: int, lr: float, weight_decay: float, stage_channels: Sequence[int],
-             stage_repeats: Sequence[int]) -> str:
-    """gs_<3-digit index>_lr=<lr>_wd=<wd>_ch=<c1-c2-..>_rep=<r1-r2-..>: written, never parsed back."""
+             stage_repeats: Sequence[int], seed: Optional[int] = None) -> str:
+    """gs_<3-digit index>_lr=<lr>_wd=<wd>_ch=<c1-c2-..>_rep=<r1-r2-..>[_seed=<seed>]: written, never parsed back.
+    Without `seed` (a grid without grid.seeds) the name of the run, with it the name of that seed's run; the
+    name without it also names the point in the tables."""
     return (f"{short_name(index)}_lr={format_lr(lr)}_wd={format_wd(weight_decay)}"
-            f"_ch={dashed(stage_channels)}_rep={dashed(stage_repeats)}")
+            f"_ch={dashed(stage_channels)}_rep={dashed(stage_repeats)}" + ("" if seed is None else f"_seed={seed}"))
 
 
 def is_run_folder(path: Union[str, Path]) -> bool:
@@ -117,12 +136,13 @@ def is_run_folder(path: Union[str, Path]) -> bool:
 
 @dataclass(frozen=True)
 class GridRun:
-    index: int
+    index: int                   # the point's index in product order (every seed's run of a point shares it)
     name: str
     lr: float
     weight_decay: float
     stage_channels: Tuple[int, ...]
     stage_repeats: Tuple[int, ...]
+    seed: Optional[int] = None   # grid.seeds' seed of this run; None: the config's train.seed (no grid.seeds)
 
 
 def _options(grid: Dict[str, Any], key: str, nested: bool) -> List[Any]:
@@ -142,33 +162,53 @@ def _options(grid: Dict[str, Any], key: str, nested: bool) -> List[Any]:
     return [tuple(int(c) for c in v) for v in value] if nested else [float(v) for v in value]
 
 
+def _seeds(grid: Dict[str, Any]) -> List[Optional[int]]:
+    """grid.seeds, or [None] (one run per point, with train.seed) when there are none."""
+    seeds = grid.get("seeds") or []
+    if not isinstance(seeds, (list, tuple)) or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0
+                                                       for v in seeds):
+        raise ConfigError(f"grid.seeds holds non-negative integers (train.seed of each run), got {seeds!r}")
+    if len(set(seeds)) != len(seeds):
+        raise ConfigError(f"grid.seeds must not repeat a seed, got {list(seeds)}")
+    return list(seeds) or [None]
+
+
+def has_seeds(rows: Sequence[Dict[str, Any]]) -> bool:
+    """Whether result rows come from a grid with grid.seeds (its runs record their seed)."""
+    return any(r.get("seed") is not None for r in rows)
+
+
 def grid_plan(cfg: Config) -> List[GridRun]:
-    """Every combination of cfg.grid, in product order (lr, weight_decay, stage_channels, stage_repeats)."""
+    """Every combination of cfg.grid, in product order (lr, weight_decay, stage_channels, stage_repeats), each
+    once per seed of grid.seeds (the seed varying fastest) when it has any."""
     g = dataclasses.asdict(cfg.grid)
     epochs = g.get("epochs")
     if not isinstance(epochs, int) or epochs < 1:
         raise ConfigError(f"grid.epochs must be a positive integer, got {epochs!r}")
     lrs, wds = _options(g, "lr", False), _options(g, "weight_decay", False)
     chs, reps = _options(g, "stage_channels", True), _options(g, "stage_repeats", True)
-    if len(lrs) * len(wds) * len(chs) * len(reps) > MAX_GRID_RUNS:
-        raise ConfigError(f"grid: {len(lrs) * len(wds) * len(chs) * len(reps):,} combinations; at most "
-                         f"{MAX_GRID_RUNS:,} in one grid search")
+    seeds = _seeds(g)
+    runs = len(lrs) * len(wds) * len(chs) * len(reps) * len(seeds)
+    if runs > MAX_GRID_RUNS:
+        raise ConfigError(f"grid: {runs:,} runs (combinations x seeds); at most {MAX_GRID_RUNS:,} in one grid search")
     plan = []
     for i, (lr, wd, ch, rep) in enumerate(itertools.product(lrs, wds, chs, reps)):
         if len(ch) != len(rep):
             raise ConfigError(f"grid: stage_channels {list(ch)} and stage_repeats {list(rep)} have different "
                              "numbers of stages; every combination needs one repeat per stage")
-        plan.append(GridRun(i, run_name(i, lr, wd, ch, rep), lr, wd, ch, rep))
+        plan += [GridRun(i, run_name(i, lr, wd, ch, rep, seed), lr, wd, ch, rep, seed) for seed in seeds]
     if len({r.name for r in plan}) != len(plan):
         raise ConfigError("grid: two combinations get the same run name (duplicate values in grid.*?)")
     return plan
 
 
 def run_config(cfg: Config, run: GridRun) -> Config:
-    """cfg with the run's lr, weight decay, widths and depths, grid.epochs epochs, and its name."""
+    """cfg with the run's lr, weight decay, widths and depths, grid.epochs epochs, its seed (when grid.seeds
+    gives it one) and its name."""
     return cfg.replace([f"train.optimizer.lr={run.lr!r}", f"train.optimizer.weight_decay={run.weight_decay!r}",
                         f"stage_channels={list(run.stage_channels)}", f"stage_repeats={list(run.stage_repeats)}",
-                        f"train.epochs={cfg.grid.epochs}", f"run_name={run.name}"])
+                        f"train.epochs={cfg.grid.epochs}", f"run_name={run.name}"]
+                       + ([] if run.seed is None else [f"train.seed={run.seed}"]))
 
 
 
@@ -206,10 +246,37 @@ def read_metrics(run_dir: Union[str, Path]) -> List[Dict[str, Any]]:
     return [by_epoch[e] for e in sorted(by_epoch)]
 
 
+def _number(value: Any) -> Optional[float]:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def val_figures(record: Dict[str, Any]) -> Optional[Dict[str, Any]]:
+    """An epoch record's val figures as train() chose its best weights: the raw weights' (val/*), or the EMA
+    weights' (val_ema/*, with train.ema) when those are more accurate (a tie: the raw ones). Returns {accuracy,
+    loss, top5, weights: "raw"|"ema", ema: whether EMA weights were evaluated, tta: the record's "tta" (None
+    without)}; None for an epoch without an evaluation."""
+    raw, ema = _number(record.get("val/accuracy")), _number(record.get("val_ema/accuracy"))
+    if raw is None and ema is None:
+        return None
+    prefix = "val_ema" if ema is not None and (raw is None or ema > raw) else "val"
+    tta = record.get("tta")
+    return {"accuracy": ema if prefix == "val_ema" else raw, "loss": _number(record.get(f"{prefix}/loss")),
+            "top5": _number(record.get(f"{prefix}/top5")), "weights": "ema" if prefix == "val_ema" else "raw",
+            "ema": ema is not None, "tta": tta if isinstance(tta, str) else None}
+
+
+def best_val(records: Sequence[Dict[str, Any]]) -> Optional[Dict[str, Any]]:
+    """val_figures of the epoch with the best val accuracy (the first of equals), with its `epoch`; None when no
+    epoch was evaluated."""
+    best = best_record(records)
+    return {**val_figures(best), "epoch": best.get("epoch")} if best else None
+
+
 def best_record(records: Sequence[Dict[str, Any]]) -> Optional[Dict[str, Any]]:
-    """The epoch record with the best val accuracy (the first of equals), None when no epoch was evaluated."""
-    evals = [r for r in records if r.get("val/accuracy") is not None]
-    return max(evals, key=lambda r: r["val/accuracy"]) if evals else None
+    """The epoch record with the best val accuracy (of its raw or, with train.ema, its EMA weights: val_figures;
+    the first of equals), None when no epoch was evaluated."""
+    evals = [(r, f) for r in records if (f := val_figures(r)) is not None]
+    return max(evals, key=lambda rf: rf[1]["accuracy"])[0] if evals else None
 
 
 def _comparable(cfg: Union[Config, Dict[str, Any]]) -> Dict[str, Any]:
@@ -250,9 +317,10 @@ def run_status(run_dir: Union[str, Path], run_cfg: Config, manifest: Dict[str, A
 
 def run_result(run: GridRun, run_dir: Union[str, Path], status: str, num_parameters: Optional[int] = None,
                error: Optional[str] = None) -> Dict[str, Any]:
-    """One row of the table: the run's settings and its best val accuracy (with that epoch's val loss)."""
+    """One row of the table: the run's settings and its best val accuracy (with that epoch's val loss; with
+    train.ema of the better weights, `weights` says which; `tta` the TTA it was measured with)."""
     records = read_metrics(run_dir)
-    best = best_record(records)
+    best = best_val(records)
     if error is None and status == "diverged":
         try:
             error = json.loads((Path(run_dir) / "grid_failed.json").read_text()).get("error")
@@ -261,11 +329,14 @@ def run_result(run: GridRun, run_dir: Union[str, Path], status: str, num_paramet
     return {
         "index": run.index, "name": run.name, "lr": run.lr, "weight_decay": run.weight_decay,
         "stage_channels": list(run.stage_channels), "stage_repeats": list(run.stage_repeats),
-        "num_parameters": num_parameters,
-        "val_accuracy": best["val/accuracy"] if best else None,
-        "val_loss": best.get("val/loss") if best else None,
-        "val_top5": best.get("val/top5") if best else None,
+        "seed": run.seed, "num_parameters": num_parameters,
+        "val_accuracy": best["accuracy"] if best else None,
+        "val_loss": best["loss"] if best else None,
+        "val_top5": best["top5"] if best else None,
         "best_epoch": best["epoch"] if best else None,
+        "weights": best["weights"] if best else None,
+        "ema": any(r.get("val_ema/accuracy") is not None for r in records),
+        "tta": best["tta"] if best else next((r["tta"] for r in records if r.get("tta")), None),
         "epochs": records[-1]["epoch"] if records else 0,
         "steps": records[-1].get("step") if records else 0,
         "final_train_loss": records[-1].get("train/loss") if records else None,
@@ -274,15 +345,90 @@ def run_result(run: GridRun, run_dir: Union[str, Path], status: str, num_paramet
 
 
 def sort_results(results: Sequence[Dict[str, Any]]) -> List[Dict[str, Any]]:
-    """Best val accuracy first; equal accuracy: lower val loss first; runs without a result last; then by index.
-    Adds `rank` (1-based)."""
+    """Best val accuracy first; equal accuracy: lower val loss first; runs without a result last; then by index
+    (and seed). Adds `rank` (1-based). Also ranks aggregate_seeds' points (by their means)."""
     def key(r):
-        acc, loss = r.get("val_accuracy"), r.get("val_loss")
-        return (acc is None, -(acc or 0.0), loss if loss is not None else math.inf, r["index"])
+        acc, loss, seed = r.get("val_accuracy"), r.get("val_loss"), r.get("seed")
+        return (acc is None, -(acc or 0.0), loss if loss is not None else math.inf, r["index"],
+                seed if isinstance(seed, int) else -1)
     out = [dict(r) for r in sorted(results, key=key)]
     for rank, r in enumerate(out, 1):
         r["rank"] = rank
     return out
+
+
+def _mean_sd(values: Sequence[float]) -> Tuple[Optional[float], Optional[float]]:
+    """(mean, sample standard deviation): (None, None) without values, sd None with one (it is undefined)."""
+    if not values:
+        return None, None
+    mean = math.fsum(values) / len(values)
+    if len(values) < 2:
+        return mean, None
+    return mean, math.sqrt(math.fsum((v - mean) ** 2 for v in values) / (len(values) - 1))
+
+
+def _joined_status(statuses: Sequence[Optional[str]]) -> str:
+    """'finished' when every run is; else the count of each status, e.g. '2 finished, 1 diverged'."""
+    counts: Dict[str, int] = {}
+    for status in statuses:
+        counts[status or "missing"] = counts.get(status or "missing", 0) + 1
+    if set(counts) == {"finished"}:
+        return "finished"
+    return ", ".join(f"{n} {status}" for status, n in counts.items())
+
+
+def aggregate_seeds(results: Sequence[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """One row per grid point (the runs of its seeds, grouped by index), ranked by mean best val accuracy: the
+    point's settings; `val_accuracy`, `val_loss`, `val_top5`, `final_train_loss`: means over the seeds whose run
+    finished with a val accuracy, `val_accuracy_sd`, `val_loss_sd`: their sample standard deviations (None below
+    2 seeds); `n` those seeds, `seeds` the point's runs, `seeds_done` their seeds; `status` 'finished' or the
+    count of each status; `weights` "raw", "ema" or "ema 2, raw 1" (per seed, the better weights of train.ema);
+    `runs` the names of its runs. `name` is the point's run name without a seed; `row` is "mean"."""
+    groups: Dict[int, List[Dict[str, Any]]] = {}
+    for r in results:
+        groups.setdefault(r["index"], []).append(r)
+    points = []
+    for index, rows in groups.items():
+        rows = sorted(rows, key=lambda r: r.get("seed") if isinstance(r.get("seed"), int) else -1)
+        done = [r for r in rows if r.get("status") == "finished" and r.get("val_accuracy") is not None]
+        first = rows[0]
+        acc, acc_sd = _mean_sd([r["val_accuracy"] for r in done])
+        loss, loss_sd = _mean_sd([r["val_loss"] for r in done if r.get("val_loss") is not None])
+        weights = [r.get("weights") for r in done if r.get("weights")]
+        weights_label = (weights[0] if len(set(weights)) == 1 else
+                         ", ".join(f"{w} {weights.count(w)}" for w in sorted(set(weights))) if weights else None)
+        ttas = {r.get("tta") for r in rows if r.get("tta")}
+        points.append({
+            "row": "mean", "index": index,
+            "name": run_name(index, first["lr"], first["weight_decay"], first["stage_channels"],
+                             first["stage_repeats"]),
+            "lr": first["lr"], "weight_decay": first["weight_decay"], "stage_channels": first["stage_channels"],
+            "stage_repeats": first["stage_repeats"], "num_parameters": first.get("num_parameters"), "seed": None,
+            "val_accuracy": acc, "val_accuracy_sd": acc_sd, "val_loss": loss, "val_loss_sd": loss_sd,
+            "val_top5": _mean_sd([r["val_top5"] for r in done if r.get("val_top5") is not None])[0],
+            "final_train_loss": _mean_sd([r["final_train_loss"] for r in done
+                                          if r.get("final_train_loss") is not None])[0],
+            "best_epoch": None, "epochs": max((r.get("epochs") or 0 for r in rows), default=0),
+            "n": len(done), "seeds": len(rows), "seeds_done": [r.get("seed") for r in done],
+            "status": _joined_status([r.get("status") for r in rows]), "weights": weights_label,
+            "ema": any(r.get("ema") for r in rows), "tta": ", ".join(sorted(ttas)) if ttas else None,
+            "runs": [r["name"] for r in rows]})
+    return sort_results(points)
+
+
+def format_spread(row: Dict[str, Any], key: str = "val_accuracy") -> str:
+    """A point's mean ± sample sd over its seeds, with n: '41.20 ± 1.30% (n=3)' (accuracy, sd in percentage
+    points), '1.2345 ± 0.0100 (n=3)' (loss); '(n=2 of 3)' while seeds are missing; no ± below 2 seeds."""
+    mean, sd = row.get(key), row.get(f"{key}_sd")
+    n, planned = row.get("n") or 0, row.get("seeds") or 0
+    count_text = f"(n={n})" if n == planned else f"(n={n} of {planned})"
+    if mean is None:
+        return f"- {count_text}"
+    if key == "val_accuracy":
+        text = f"{percent(mean)}" if sd is None else f"{100 * mean:.2f} ± {100 * sd:.2f}%"
+    else:
+        text = number(mean) if sd is None else f"{number(mean)} ± {number(sd)}"
+    return f"{text} {count_text}"
 
 
 def format_value(key: str, value: Any) -> str:
@@ -302,23 +448,72 @@ def format_value(key: str, value: Any) -> str:
         return number(value)
     if key == "num_parameters":
         return count(value)
+    if key == "weights":  # "ema", "raw", or a point's "ema 2, raw 1"
+        return str(value).replace("ema", "EMA")
     return str(value)
+
+
+def _point_cell(row: Dict[str, Any], key: str) -> str:
+    """A cell of a points table: mean ± sd (n) for accuracy and loss, else format_value."""
+    return format_spread(row, key) if key in ("val_accuracy", "val_loss") else format_value(key, row.get(key))
 
 
 _MD_COLUMNS = [("rank", "#"), ("name", "run"), ("lr", "lr"), ("weight_decay", "weight decay"),
                ("stage_channels", "channels"), ("stage_repeats", "repeats"), ("num_parameters", "parameters"),
                ("val_accuracy", "val accuracy"), ("val_loss", "val loss"), ("best_epoch", "best epoch"),
                ("status", "status")]
+_MD_POINT_COLUMNS = [("rank", "#"), ("name", "point"), ("lr", "lr"), ("weight_decay", "weight decay"),
+                     ("stage_channels", "channels"), ("stage_repeats", "repeats"), ("num_parameters", "parameters"),
+                     ("val_accuracy", "val accuracy, mean ± sd (n)"), ("val_loss", "val loss, mean ± sd (n)"),
+                     ("status", "status")]
+_RIGHT = {"rank", "seed", "lr", "weight_decay", "num_parameters", "val_accuracy", "val_loss", "best_epoch"}
+
+
+def _with_weights(columns: List[Tuple[str, str]], rows: Sequence[Dict[str, Any]]) -> List[Tuple[str, str]]:
+    """The columns, with `weights` after the val loss when a run evaluated EMA weights (train.ema)."""
+    if not any(r.get("ema") for r in rows):
+        return list(columns)
+    at = [k for k, _ in columns].index("val_loss") + 1
+    return [*columns[:at], ("weights", "weights"), *columns[at:]]
+
+
+def _markdown_table(rows: Sequence[Dict[str, Any]], columns: Sequence[Tuple[str, str]], cell) -> List[str]:
+    lines = ["| " + " | ".join(h for _, h in columns) + " |",
+             "|" + "|".join("---:" if k in _RIGHT else "---" for k, _ in columns) + "|"]
+    for r in rows:
+        lines.append("| " + " | ".join(cell(r, k).replace("|", "\\|") for k, _ in columns) + " |")
+    return lines
+
+
+def evaluation_note(rows: Sequence[Dict[str, Any]]) -> Optional[str]:
+    """What the accuracies are of: the better of raw and EMA weights (train.ema), measured with flip TTA."""
+    notes = []
+    if any(r.get("ema") for r in rows):
+        notes.append("with train.ema each run's val accuracy is the better of its raw and its EMA weights' "
+                     "(column weights), as best.safetensors keeps")
+    ttas = sorted({r["tta"] for r in rows if r.get("tta")})
+    if ttas:
+        notes.append(f"measured with {', '.join(ttas)} TTA (train.tta)")
+    return ("Val accuracy: " + "; ".join(notes) + ".") if notes else None
 
 
 def results_markdown(results: Sequence[Dict[str, Any]], title: Optional[str] = None) -> str:
-    """A Markdown table of (sorted) results."""
-    right = {"rank", "lr", "weight_decay", "num_parameters", "val_accuracy", "val_loss", "best_epoch"}
+    """A Markdown table of (sorted) results; for a grid with seeds the table of its points (mean ± sd over the
+    seeds, n), ranked by the mean, then the table of every run."""
     lines = [f"# {title}", ""] if title else []
-    lines.append("| " + " | ".join(h for _, h in _MD_COLUMNS) + " |")
-    lines.append("|" + "|".join("---:" if k in right else "---" for k, _ in _MD_COLUMNS) + "|")
-    for r in results:
-        lines.append("| " + " | ".join(format_value(k, r.get(k)).replace("|", "\\|") for k, _ in _MD_COLUMNS) + " |")
+    runs_columns = _with_weights(_MD_COLUMNS, results)
+    if has_seeds(results):
+        points = aggregate_seeds(results)
+        lines += ["Points ranked by mean best val accuracy over their seeds (mean ± sample standard deviation; n: "
+                  "the seeds whose run finished).", ""]
+        lines += _markdown_table(points, _with_weights(_MD_POINT_COLUMNS, results), _point_cell)
+        lines += ["", "## Every run", ""]
+        at = [k for k, _ in runs_columns].index("name") + 1
+        runs_columns = [*runs_columns[:at], ("seed", "seed"), *runs_columns[at:]]
+    lines += _markdown_table(results, runs_columns, lambda r, k: format_value(k, r.get(k)))
+    note = evaluation_note(results)
+    if note:
+        lines += ["", note]
     return "\n".join(lines) + "\n"
 
 
@@ -337,16 +532,26 @@ def write_results(results: Sequence[Dict[str, Any]], output: Union[str, Path], s
     title = meta.pop("title", None)
     done = sum(r["val_accuracy"] is not None for r in rows)
     md = results_markdown(rows, title)
-    md += f"\n{done} of {len(rows)} runs have a val accuracy; sorted by best val accuracy (the epoch's val loss beside it).\n"
+    seeded = has_seeds(rows)
+    md += (f"\n{done} of {len(rows)} runs have a val accuracy; "
+           + ("points ranked by their mean, runs " if seeded else "") + "sorted by best val accuracy (the epoch's val "
+           "loss beside it).\n")
     paths = {"md": output / f"{stem}.md", "csv": output / f"{stem}.csv", "json": output / f"{stem}.json"}
+    points = aggregate_seeds(rows) if seeded else []
+    columns = (RESULT_COLUMNS + (SEED_COLUMNS if seeded else [])
+               + (EVAL_COLUMNS if any(r.get("ema") or r.get("tta") for r in rows) else []))
     buf = io.StringIO()
     w = csv.writer(buf)
-    w.writerow(RESULT_COLUMNS)
-    for r in rows:
+    w.writerow(columns)
+    for r in [*points, *({**r, "row": "run"} for r in rows)]:  # with seeds: the points first, then every run
         w.writerow(["" if r.get(k) is None else dashed(r[k]) if k in ("stage_channels", "stage_repeats") else r[k]
-                    for k in RESULT_COLUMNS])
-    table = json.dumps({**meta, "num_runs": len(rows), "results": rows,
-                        "best": rows[0] if rows and rows[0]["val_accuracy"] is not None else None}, indent=1)
+                    for k in columns])
+    best = (points if seeded else rows)[:1]
+    table = {**meta, "num_runs": len(rows), "results": rows,
+             "best": best[0] if best and best[0]["val_accuracy"] is not None else None}
+    if seeded:  # `best` is then the best point (its runs: `runs`)
+        table.update(num_points=len(points), points=points)
+    table = json.dumps(table, indent=1)
     for key, text in (("md", md), ("csv", buf.getvalue()), ("json", table)):
         atomic_write(paths[key], lambda tmp, text=text: Path(tmp).write_text(text))
     return paths
@@ -357,33 +562,45 @@ def load_results(output: Union[str, Path]) -> Dict[str, Any]:
     folder read with `run_result` (with its trial's state when OUTPUT/study.db can be read).
 
     Returns results.json's fields (title, grid, base, runs_planned, study, ... when recorded) with `results`:
-    the rows sorted by best val accuracy, and `source`: where they were read from."""
+    the rows of the runs sorted by best val accuracy, `points`: for a grid with seeds its points (aggregate_seeds,
+    ranked by the mean), else None, and `source`: where they were read from. Tables written before grids had
+    seeds read the same."""
     output = Path(output)
     if (output / "results.json").is_file():
         data = json.loads((output / "results.json").read_text())
-        return {**data, "results": sort_results(data.get("results") or []), "source": "results.json"}
-    if (output / "results.csv").is_file():
-        return {"results": sort_results(_read_csv(output / "results.csv")), "source": "results.csv"}
-    trials = _study_trials(output / STUDY_FILE)
-    source = "the gs_* run folders" + (f" and {STUDY_FILE}" if trials else "")
-    return {"results": sort_results(_results_from_folders(output, trials)), "source": source}
+        out = {**data, "results": sort_results(data.get("results") or []), "source": "results.json"}
+    elif (output / "results.csv").is_file():
+        out = {"results": sort_results(_read_csv(output / "results.csv")), "source": "results.csv"}
+    else:
+        trials = _study_trials(output / STUDY_FILE)
+        source = "the gs_* run folders" + (f" and {STUDY_FILE}" if trials else "")
+        out = {"results": sort_results(_results_from_folders(output, trials)), "source": source}
+    out["points"] = aggregate_seeds(out["results"]) if has_seeds(out["results"]) else None
+    return out
 
 
 def _read_csv(path: Path) -> List[Dict[str, Any]]:
+    """The run rows of results.csv (a grid with seeds also holds its points' rows: left out, recomputed)."""
     def num(text: str, kind=float):
         return kind(text) if text not in (None, "") else None
 
     rows = []
     with open(path, newline="") as f:
         for r in csv.DictReader(f):
-            rows.append({"index": int(r["index"]), "name": r["name"], "lr": float(r["lr"]),
-                         "weight_decay": float(r["weight_decay"]),
-                         "stage_channels": [int(v) for v in r["stage_channels"].split("-")],
-                         "stage_repeats": [int(v) for v in r["stage_repeats"].split("-")],
-                         "num_parameters": num(r.get("num_parameters"), int),
-                         "val_accuracy": num(r.get("val_accuracy")), "val_loss": num(r.get("val_loss")),
-                         "best_epoch": num(r.get("best_epoch"), int), "epochs": num(r.get("epochs"), int),
-                         "final_train_loss": num(r.get("final_train_loss")), "status": r.get("status") or None})
+            if r.get("row") == "mean":
+                continue
+            row = {"index": int(r["index"]), "name": r["name"], "lr": float(r["lr"]),
+                   "weight_decay": float(r["weight_decay"]),
+                   "stage_channels": [int(v) for v in r["stage_channels"].split("-")],
+                   "stage_repeats": [int(v) for v in r["stage_repeats"].split("-")],
+                   "num_parameters": num(r.get("num_parameters"), int),
+                   "val_accuracy": num(r.get("val_accuracy")), "val_loss": num(r.get("val_loss")),
+                   "best_epoch": num(r.get("best_epoch"), int), "epochs": num(r.get("epochs"), int),
+                   "final_train_loss": num(r.get("final_train_loss")), "status": r.get("status") or None,
+                   "seed": num(r.get("seed"), int)}
+            if "weights" in r:  # EVAL_COLUMNS: written when a run evaluated EMA weights or used TTA
+                row.update(weights=r["weights"] or None, ema=r.get("ema") == "True", tta=r.get("tta") or None)
+            rows.append(row)
     return rows
 
 
@@ -456,6 +673,8 @@ def write_hparams(result: Dict[str, Any], run_dir: Union[str, Path], domains: Op
           "stage_channels": dashed(result["stage_channels"]), "stage_repeats": dashed(result["stage_repeats"])}
     if epochs is not None:
         hp["epochs"] = int(epochs)
+    if result.get("seed") is not None:
+        hp["seed"] = int(result["seed"])
     metrics = {"hparam/val_accuracy": float(result["val_accuracy"])}
     for key, tag in (("val_loss", "hparam/val_loss"), ("final_train_loss", "hparam/train_loss"),
                      ("val_top5", "hparam/val_top5")):
@@ -582,12 +801,23 @@ def make_storage(url: str, *, heartbeat_interval: Optional[int] = 60, grace_peri
 
 
 def search_space(plan: Sequence[GridRun]) -> Dict[str, list]:
-    """The grid's values per parameter (widths and depths dashed, as Optuna stores only numbers and strings)."""
+    """The grid's values per parameter (widths and depths dashed, as Optuna stores only numbers and strings);
+    with grid.seeds also `seed`, one more dimension of the grid."""
     def uniq(values):
         return list(dict.fromkeys(values))
-    return {"lr": uniq(r.lr for r in plan), "weight_decay": uniq(r.weight_decay for r in plan),
-            "stage_channels": uniq(dashed(r.stage_channels) for r in plan),
-            "stage_repeats": uniq(dashed(r.stage_repeats) for r in plan)}
+    space = {"lr": uniq(r.lr for r in plan), "weight_decay": uniq(r.weight_decay for r in plan),
+             "stage_channels": uniq(dashed(r.stage_channels) for r in plan),
+             "stage_repeats": uniq(dashed(r.stage_repeats) for r in plan)}
+    if any(r.seed is not None for r in plan):
+        space["seed"] = uniq(r.seed for r in plan)
+    return space
+
+
+def check_sampler(cfg: Config, sampler: str):
+    """grid.seeds needs the grid sampler: TPE would treat the seed as a parameter to tune."""
+    if sampler != "grid" and cfg.grid.seeds:
+        raise ConfigError(f"--sampler {sampler} samples one run per trial and would tune the seed: use the default "
+                          "--sampler grid with grid.seeds, or leave grid.seeds empty")
 
 
 def _suggest(trial, space: Dict[str, list], sampler: str) -> Dict[str, Any]:
@@ -611,8 +841,10 @@ def trial_run(params: Dict[str, Any], plan: Sequence[GridRun], sampler: str, ind
     except (KeyError, TypeError, ValueError):
         raise ConfigError(f"trial params {shown} are not lr, weight_decay, stage_channels and stage_repeats") from None
     if sampler == "grid":
+        seed = params.get("seed")  # with grid.seeds only; compared, never converted
         for run in plan:
-            if (run.lr, run.weight_decay, dashed(run.stage_channels), dashed(run.stage_repeats)) == (lr, wd, ch, rep):
+            if ((run.lr, run.weight_decay, dashed(run.stage_channels), dashed(run.stage_repeats)) == (lr, wd, ch, rep)
+                    and type(seed) is type(run.seed) and seed == run.seed):
                 return run
         raise ConfigError(f"trial params {shown} are not a point of this grid")
     space = search_space(plan)
@@ -630,7 +862,10 @@ def _study_record(cfg: Config, sampler: str) -> Dict[str, Any]:
     """What a study searches, as its user attribute records it (data.root left out: workers on other machines
     may read the same shards from another path)."""
     config = {k: v for k, v in _comparable(cfg).items() if k != "data.root"}
-    return json.loads(json.dumps({"sampler": sampler, "grid": dataclasses.asdict(cfg.grid), "config": config}))
+    searched = dataclasses.asdict(cfg.grid)
+    if not searched["seeds"]:  # as recorded before grids had seeds: those studies are joined as they were
+        del searched["seeds"]
+    return json.loads(json.dumps({"sampler": sampler, "grid": searched, "config": config}))
 
 
 def default_study_name(sampler: str) -> str:
@@ -642,6 +877,7 @@ def open_study(storage, study_name: str, cfg: Config, *, sampler: str = "grid", 
     """The study `study_name` in `storage`, created or joined. A study of another config (or sampler) is an error;
     overwrite=True deletes it first when tinycnn made it. A study tinycnn did not make is never touched."""
     optuna = import_optuna()
+    check_sampler(cfg, sampler)
     space = search_space(grid_plan(cfg))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
@@ -733,6 +969,7 @@ def results_meta(cfg: Config, plan: Sequence[GridRun], *, sampler: str = "grid",
             "grid": dataclasses.asdict(cfg.grid),
             "base": {"model": cfg.model, "optimizer": t.optimizer.name, "batch_size": t.batch_size,
                      "epochs": cfg.grid.epochs, "max_steps": t.max_steps, "seed": t.seed,
+                     "seeds": list(cfg.grid.seeds) or None, "ema": t.ema, "tta": t.tta,
                      "scheduler": t.scheduler.name, "data": cfg.data.root},
             "runs_planned": len(plan) if sampler == "grid" else n_trials,
             "study": {"name": study_name, "storage": shown_storage(storage) if storage else None, "sampler": sampler,
@@ -877,9 +1114,10 @@ class _Worker:
         return float(result["val_accuracy"])
 
     def report(self, trial, run_dir: Path) -> bool:
-        """Report each new epoch's val accuracy; True when the pruner says stop."""
+        """Report each new epoch's val accuracy (with train.ema, of the better weights); True when the pruner
+        says stop."""
         for r in read_metrics(run_dir):
-            epoch, acc = r.get("epoch"), r.get("val/accuracy")
+            epoch, acc = r.get("epoch"), (val_figures(r) or {}).get("accuracy")
             if isinstance(epoch, int) and isinstance(acc, (int, float)) and epoch not in self.reported:
                 trial.report(float(acc), epoch)
                 self.reported.add(epoch)
@@ -1045,6 +1283,7 @@ def run_grid(cfg: Config, output: Union[str, Path], *, sampler: str = "grid", n_
         raise ConfigError(f"--pruner takes one of {', '.join(PRUNERS)}, got {pruner!r}")
     if sampler != "grid" and not (isinstance(n_trials, int) and n_trials > 0):
         raise ConfigError(f"--sampler {sampler} searches until N trials are done: give --n-trials N")
+    check_sampler(cfg, sampler)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ConfigError("the grid search trains each trial in a process of its own: start it with python "
                           "(--gpus / --workers for several at once), not a distributed launcher")
@@ -1181,25 +1420,35 @@ def launch_workers(script: Union[str, Path], argv: Sequence[str], output: Union[
 
 
 def print_results(results: Sequence[Dict[str, Any]], console=None, title: str = "grid search", top: Optional[int] = None):
-    """The sorted results as a rich table."""
+    """The sorted results as a rich table; for a grid with seeds its points, mean ± sd (n) over the seeds, ranked
+    by the mean (`top`: the best N rows)."""
     from rich.console import Console
     from rich.table import Table
 
     console = console or Console()
-    results = list(results)[:top]
+    results = list(results)
+    seeded = has_seeds(results)
+    rows = (aggregate_seeds(results) if seeded else results)[:top]
     # the run name repeats the other columns: on a narrow console only its gs_<index> prefix
     full = console.width >= 150
-    columns = [("rank", "#"), ("name", "run"), ("lr", "lr"), ("weight_decay", "wd"), ("stage_channels", "channels"),
-               ("stage_repeats", "repeats"), ("val_accuracy", "val acc"), ("val_loss", "val loss"),
-               ("best_epoch", "epoch")]
-    if not all(r.get("status") == "finished" for r in results):
+    columns = [("rank", "#"), ("name", "point" if seeded else "run"), ("lr", "lr"), ("weight_decay", "wd"),
+               ("stage_channels", "channels"), ("stage_repeats", "repeats"),
+               ("val_accuracy", "val acc, mean ± sd (n)" if seeded else "val acc"),
+               ("val_loss", "val loss, mean ± sd (n)" if seeded else "val loss")]
+    columns += [] if seeded else [("best_epoch", "epoch")]
+    columns = _with_weights(columns, results)
+    if not all(r.get("status") == "finished" for r in rows):
         columns.append(("status", "status"))
     table = Table(title=title)
     for key, head in columns:
-        table.add_column(head, justify="right" if key not in ("name", "stage_channels", "stage_repeats", "status")
-                         else "left", overflow="fold")
-    for r in results:
+        table.add_column(head, justify="right" if key not in ("name", "stage_channels", "stage_repeats", "status",
+                                                              "weights") else "left", overflow="fold")
+    for r in rows:
         style = None if r.get("status") == "finished" else "dim"
-        table.add_row(*((r["name"] if full else short_name(r["index"])) if k == "name" else format_value(k, r.get(k))
-                        for k, _ in columns), style=style)
+        table.add_row(*((r["name"] if full else short_name(r["index"])) if k == "name"
+                        else _point_cell(r, k) if seeded else format_value(k, r.get(k)) for k, _ in columns),
+                      style=style)
     console.print(table)
+    note = evaluation_note(results)
+    if note:
+        console.print(note, highlight=False, soft_wrap=True)

@@ -99,9 +99,15 @@ def short_class_name(name: str, width: int = 16) -> str:
 
 
 def run_label(r: Dict[str, Any]) -> str:
-    """A grid run's settings in a legend: lr, weight decay, widths, depths."""
+    """A grid run's settings in a legend: lr, weight decay, widths, depths (and its seed, with grid.seeds)."""
     return ", ".join(f"{short} {grid.format_value(key, r[key])}" for key, short in
-                     (("lr", "lr"), ("weight_decay", "wd"), ("stage_channels", "ch"), ("stage_repeats", "rep")))
+                     (("lr", "lr"), ("weight_decay", "wd"), ("stage_channels", "ch"), ("stage_repeats", "rep"))
+                     + ((("seed", "seed"),) if r.get("seed") is not None else ()))
+
+
+def _tta_suffix(rec: List[Dict[str, Any]]) -> str:
+    ttas = sorted({r["tta"] for r in rec if r.get("tta")})
+    return f", {'/'.join(ttas)} TTA" if ttas else ""
 
 
 def _plot_losses(ax, rec: List[Dict[str, Any]], train_label: str):
@@ -115,13 +121,22 @@ def _plot_losses(ax, rec: List[Dict[str, Any]], train_label: str):
 
 
 def _plot_val_accuracy(ax, rec: List[Dict[str, Any]]):
-    """Val top-1 (its best in the legend) and top-5 per epoch, on a 0-100% axis."""
+    """Val top-1 (its best in the legend) and top-5 per epoch, on a 0-100% axis; with train.ema the EMA weights'
+    top-1 beside the raw weights'; the legend names the TTA (train.tta) the evaluations used."""
+    tta = _tta_suffix(rec)
     x, y = _curves(rec, "val/accuracy")
     best = max(range(len(y)), key=lambda k: y[k]) if y else None
-    ax.plot(x, y, "s-", color="C1", label="val top-1" + (f" (best {y[best]:.1%}, epoch {x[best]})" if y else ""))
+    ema = any(r.get("val_ema/accuracy") is not None for r in rec)
+    ax.plot(x, y, "s-", color="C1", label="val top-1" + (", raw weights" if ema else "") + tta
+            + (f" (best {y[best]:.1%}, epoch {x[best]})" if y else ""))
+    if ema:
+        xe, ye = _curves(rec, "val_ema/accuracy")
+        best = max(range(len(ye)), key=lambda k: ye[k]) if ye else None
+        ax.plot(xe, ye, "D-", color="C3", label=f"val top-1, EMA weights{tta}"
+                + (f" (best {ye[best]:.1%}, epoch {xe[best]})" if ye else ""))
     x5, y5 = _curves(rec, "val/top5")
     if y5:
-        ax.plot(x5, y5, "^:", color="C2", label="val top-5")
+        ax.plot(x5, y5, "^:", color="C2", label="val top-5" + (", raw weights" if ema else ""))
     ax.set_ylabel("accuracy")
     ax.set_ylim(0, 1)
     _percent_axis(ax)
@@ -191,13 +206,16 @@ def plot_lr_finder(figs: Figures, r: Dict[str, Any]) -> str:
 
 
 def plot_grid_curves(figs: Figures, g: Dict[str, Any]) -> str:
-    """Val accuracy per epoch of every grid run: the best 8 in colour, the rest grey."""
+    """Val accuracy per epoch of every grid run (with train.ema, of the better of its raw and EMA weights, as the
+    table ranks them): the best 8 in colour, the rest grey."""
     rows = [r for r in g["rows"] if r["metrics"]]
     labelled = 8
     fig, (ax,) = _figure(size=(9, 4.5))
     grey_done = False
+    ema = any(m.get("val_ema/accuracy") is not None for r in rows for m in r["metrics"])
     for i, r in reversed(list(enumerate(rows))):
-        x, y = _curves(r["metrics"], "val/accuracy")
+        pts = [(m["epoch"], f["accuracy"]) for m in r["metrics"] if (f := grid.val_figures(m)) is not None]
+        x, y = [p[0] for p in pts], [p[1] for p in pts]
         if not x:
             continue
         if i < labelled:
@@ -206,7 +224,8 @@ def plot_grid_curves(figs: Figures, g: Dict[str, Any]) -> str:
             ax.plot(x, y, "o-", color="0.75", lw=1, ms=3, zorder=1,
                     label=None if grey_done else f"other runs ({len(rows) - labelled})")
             grey_done = True
-    ax.set_ylabel("val accuracy")
+    ax.set_ylabel("val accuracy" + (" (better of raw and EMA)" if ema else "")
+                  + _tta_suffix([m for r in rows for m in r["metrics"]]))
     _percent_axis(ax)
     _epoch_axis(ax, max(r["metrics"][-1]["epoch"] for r in rows))
     ax.set_title(f"Grid search {g['name']}: val accuracy per epoch ({len(rows)} runs)")
@@ -299,7 +318,11 @@ def plot_comparison(figs: Figures, runs: List[Dict[str, Any]]) -> str:
         x, y = _curves(run["metrics"], "val/loss")
         ax1.plot(x, y, "s--", color=c, alpha=0.8, label=f"{run['name']} val")
         x, y = _curves(run["metrics"], "val/accuracy")
-        ax2.plot(x, y, "s-", color=c, label=run["name"])
+        ema = any(m.get("val_ema/accuracy") is not None for m in run["metrics"])
+        ax2.plot(x, y, "s-", color=c, label=run["name"] + (" raw" if ema else "") + _tta_suffix(run["metrics"]))
+        if ema:
+            x, y = _curves(run["metrics"], "val_ema/accuracy")
+            ax2.plot(x, y, "D:", color=c, label=f"{run['name']} EMA")
     ax1.set_ylabel("cross-entropy loss")
     ax1.set_title("Loss (solid: train, dashed: val)")
     ax2.set_ylabel("val accuracy")

@@ -176,16 +176,27 @@ def load_run(run_dir: Union[str, Path]) -> Dict[str, Any]:
 
 def load_grid(grid_dir: Union[str, Path]) -> Dict[str, Any]:
     """A grid search folder: its sorted rows (tinycnn.workflow.grid.load_results: the tables, else the run folders
-    with the states of their trials in study.db) with each run's per-epoch metrics, the base settings and the study
-    (name, sampler, pruner) when recorded, and the run.json of its first run."""
+    with the states of their trials in study.db) with each run's per-epoch metrics, its points (mean ± sd over the
+    seeds, for a grid with grid.seeds; else None), the base settings and the study (name, sampler, pruner) when
+    recorded, and the run.json of its first run.
+
+    Each row says which weights its val accuracy is of (`weights`: "raw" or "ema"), whether EMA weights were
+    evaluated (`ema`) and the TTA (`tta`); tables written before they said so ranked the raw weights, and
+    `ema` and `tta` are then read from the run's metrics."""
     grid_dir = Path(grid_dir)
     results = grid.load_results(grid_dir)
     rows = results["results"]
     for r in rows:
         r["metrics"] = grid.read_metrics(grid_dir / r["name"])
+        if "weights" not in r:
+            r["weights"] = "raw" if r.get("val_accuracy") is not None else None
+        if "ema" not in r or "tta" not in r:  # results.csv without the columns, results.json of an older grid
+            r["ema"] = r.get("ema") or any(m.get("val_ema/accuracy") is not None for m in r["metrics"])
+            r["tta"] = r.get("tta") or next((m["tta"] for m in r["metrics"] if isinstance(m.get("tta"), str)), None)
     run_info = next((_read_json(grid_dir / r["name"] / "run.json") for r in rows
                      if (grid_dir / r["name"] / "run.json").is_file()), None)
-    return {"name": grid_dir.name, "path": grid_dir, "rows": rows, "base": results.get("base"),
+    return {"name": grid_dir.name, "path": grid_dir, "rows": rows, "points": results.get("points"),
+            "base": results.get("base"),
             "grid": results.get("grid"), "runs_planned": results.get("runs_planned"), "source": results["source"],
             "study": results.get("study"), "run_info": run_info}
 

@@ -16,7 +16,7 @@ from .figures import (Figures, plot_class_distribution, plot_classes, plot_compa
 from .inputs import KINDS, Loaded, checkpoint_metadata
 
 __all__ = ["SECTIONS", "HPARAMS", "Section", "hyperparameter_effects", "class_extremes", "holdout_note",
-           "markdown_table", "header"]
+           "markdown_table", "header", "weights_and_tta"]
 
 SECTIONS = ["Data", "Model", "Overfit run", "LR finder", "Grid search", "Full training", "Final evaluation",
             "Reproducibility"]
@@ -117,6 +117,23 @@ def holdout_note(evaluation: Dict[str, Any], manifest: Optional[Dict[str, Any]] 
             f"project's scheme), so `val` is the official validation images and the same images chose the best "
             f"checkpoint and give this figure; it is optimistic, not a held-out test result. For an honest "
             f"test split prepare the shards with the default holdout (`tinycnn-prepare ... --holdout 50`).")
+
+
+def weights_and_tta(weights: Optional[str], tta: Optional[str], short: bool = False) -> str:
+    """What an accuracy was measured on: 'raw weights, no TTA', 'EMA weights, flip TTA' (short: 'raw, no TTA',
+    'EMA, flip TTA'); weights None: not known (no checkpoint metadata)."""
+    names = {"raw": "raw", "ema": "EMA"}
+    if weights in names or not weights:
+        w = names.get(weights, "?") + ("" if short else " weights")
+    else:  # a point over seeds: each seed's better weights, e.g. "ema 1, raw 1"
+        per_seed = str(weights).replace("ema", "EMA")
+        w = per_seed if short else f"weights per seed {per_seed}"
+    return f"{w}, {f'{tta} TTA' if tta else 'no TTA'}"
+
+
+def _checkpoint_weights(extra: Dict[str, Any]) -> str:
+    """A tinycnn checkpoint's weights: its metadata's extra.weights; "raw" for one saved before train.ema was."""
+    return extra.get("weights") or "raw"
 
 
 def _short(v: Any) -> Any:
@@ -335,11 +352,12 @@ def section_overfit(ctx: Loaded, figs: Figures, s: Section):
                             "python recipes/train.py --config recipes/configs/overfit.yaml")
             continue
         s.add(plot_overfit(figs, run), "")
-        best = grid.best_record(rec)
+        best = grid.best_val(rec)
         first, last = rec[0]["train/loss"], rec[-1]["train/loss"]
         s.add(f"Train loss {first:.4f} after epoch 1 -> **{last:.4f}** after epoch {rec[-1]['epoch']} "
               f"({(last - first) / first:+.0%}); "
-              + (f"best val accuracy **{percent(best['val/accuracy'])}** (epoch {best['epoch']}), val loss "
+              + (f"best val accuracy **{percent(best['accuracy'])}** (epoch {best['epoch']}), "
+                 f"{weights_and_tta(best['weights'], best['tta'])}; val loss "
                  f"{number(rec[-1].get('val/loss'))} at the end. " if best else "no val evaluation. ")
               + "A model that can learn drives the train loss towards 0 on so few images while the val loss "
                 "stops falling or rises, and the train accuracy approaches 100%.", "")
@@ -386,38 +404,65 @@ def section_grid(ctx: Loaded, figs: Figures, s: Section):
     for g in ctx.grids:
         if len(ctx.grids) > 1:
             s.add(f"### {g['name']}", "")
-        rows = g["rows"]
+        rows, points = g["rows"], g.get("points")
         base = g.get("base") or {}
         planned = g.get("runs_planned")
+        seeds = sorted({r["seed"] for r in rows if r.get("seed") is not None})
+        seeds_text = (f"seeds {', '.join(map(str, seeds))} (each point once per seed)" if seeds
+                      else f"seed {base.get('seed')}")
         s.add(f"`{g['path']}` (from {g['source']}): {len(rows)} runs"
               + (f" of {planned} planned" if planned and planned != len(rows) else "")
+              + (f" ({len(points)} points x {len(seeds)} seeds)" if points else "")
               + (f", {base.get('epochs')} epoch{'s' if base.get('epochs') != 1 else ''} each, "
                  f"{base.get('optimizer')} with scheduler {base.get('scheduler')}, "
-                 f"batch {base.get('batch_size')}, seed {base.get('seed')}" if base else "")
-              + "; sorted by best val accuracy (the epoch's val loss beside it).", "")
+                 f"batch {base.get('batch_size')}, {seeds_text}" if base else (f", {seeds_text}" if seeds else ""))
+              + ("; points ranked by the mean of their seeds' best val accuracy (mean ± sample standard deviation, "
+                 "n: the seeds whose run finished), then every run" if points else
+                 "; sorted by best val accuracy (the epoch's val loss beside it)") + ".", "")
         if not rows:
             s.add("No runs.", "")
             continue
-        s.table(["#", "run", "lr", "weight decay", "channels", "repeats", "parameters", "best val acc",
-                 "val loss", "epoch", "status"],
-                [[r.get("rank"), f"`{grid.short_name(r['index'])}`", v("lr", r["lr"]),
+        note = grid.evaluation_note(rows)
+        s.add(note or "Val accuracy of the raw weights (no train.ema), without TTA.", "")
+        if points:
+            s.table(["#", "point", "lr", "weight decay", "channels", "repeats", "parameters",
+                     "best val acc, mean ± sd (n)", "val loss, mean ± sd (n)", "weights, TTA", "status"],
+                    [[p.get("rank"), f"`{grid.short_name(p['index'])}`", v("lr", p["lr"]),
+                      v("weight_decay", p["weight_decay"]), v("stage_channels", p["stage_channels"]),
+                      v("stage_repeats", p["stage_repeats"]), v("num_parameters", p.get("num_parameters")),
+                      grid.format_spread(p), grid.format_spread(p, "val_loss"),
+                      weights_and_tta(p.get("weights"), p.get("tta"), short=True) if p.get("n") else "-",
+                      v("status", p.get("status"))] for p in points],
+                    right=(0, 2, 3, 6, 7, 8))
+            s.add("#### Every run" if len(ctx.grids) > 1 else "### Every run", "")
+        s.table(["#", "run", *(["seed"] if seeds else []), "lr", "weight decay", "channels", "repeats", "parameters",
+                 "best val acc", "val loss", "epoch", "weights, TTA", "status"],
+                [[r.get("rank"), f"`{grid.run_label(r['index'], r.get('seed'))}`",
+                  *([v("seed", r.get("seed"))] if seeds else []), v("lr", r["lr"]),
                   v("weight_decay", r["weight_decay"]), v("stage_channels", r["stage_channels"]),
                   v("stage_repeats", r["stage_repeats"]), v("num_parameters", r.get("num_parameters")),
                   v("val_accuracy", r.get("val_accuracy")), v("val_loss", r.get("val_loss")),
-                  v("best_epoch", r.get("best_epoch")), v("status", r.get("status"))] for r in rows],
-                right=(0, 2, 3, 6, 7, 8, 9))
-        best = rows[0] if rows[0].get("val_accuracy") is not None else None
+                  v("best_epoch", r.get("best_epoch")),
+                  weights_and_tta(r.get("weights"), r.get("tta"), short=True) if r.get("val_accuracy") is not None
+                  else "-", v("status", r.get("status"))] for r in rows],
+                right=[0, *(i + bool(seeds) for i in (2, 3, 6, 7, 8, 9)), *([2] if seeds else [])])
+        best_point = points[0] if points and points[0].get("val_accuracy") is not None else None
+        best = best_point or (rows[0] if rows[0].get("val_accuracy") is not None else None)
         if best:
-            s.add(f"Best: **{best['name']}** with {percent(best['val_accuracy'])} val accuracy "
-                  f"(`train.optimizer.lr={v('lr', best['lr'])} "
+            how = weights_and_tta(best.get("weights"), best.get("tta"))
+            figure = (f"a mean best val accuracy of {grid.format_spread(best)} over its seeds ({how})" if best_point
+                      else f"{percent(best['val_accuracy'])} val accuracy ({how})")
+            s.add(f"Best: **{best['name']}** with {figure}: "
+                  f"`train.optimizer.lr={v('lr', best['lr'])} "
                   f"train.optimizer.weight_decay={v('weight_decay', best['weight_decay'])} "
                   f"stage_channels=[{','.join(map(str, best['stage_channels']))}] "
-                  f"stage_repeats=[{','.join(map(str, best['stage_repeats']))}]`).", "")
+                  f"stage_repeats=[{','.join(map(str, best['stage_repeats']))}]`.", "")
         if any(r["metrics"] for r in rows):
             s.add(plot_grid_curves(figs, g), "")
         effects = hyperparameter_effects(rows)
         s.add("### Effect of each hyperparameter" if len(ctx.grids) == 1 else "#### Effect of each hyperparameter", "",
-              "Mean best val accuracy of the runs with each value (the other hyperparameters vary over the grid).", "")
+              "Mean best val accuracy of the runs with each value (the other hyperparameters vary over the grid"
+              + ("; each seed's run counts once" if seeds else "") + ").", "")
         if any(e["mean_val_accuracy"] is not None for es in effects.values() for e in es):
             s.add(plot_effects(figs, g, effects, HPARAMS), "")
         s.table(["hyperparameter", "value", "runs", "mean best val acc", "best val acc"],
@@ -430,7 +475,7 @@ def section_grid(ctx: Loaded, figs: Figures, s: Section):
 
 def _full_run_summary(ctx: Loaded, run: Dict[str, Any]) -> List[Any]:
     rec = run["metrics"]
-    best = grid.best_record(rec)
+    best = grid.best_val(rec)
     t = (run["config"] or {}).get("train") or {}
     o, sched = t.get("optimizer") or {}, t.get("scheduler") or {}
     table = ctx.layers(ctx.run_arch(run))
@@ -438,7 +483,8 @@ def _full_run_summary(ctx: Loaded, run: Dict[str, Any]) -> List[Any]:
     return [f"`{run['name']}`", count(table["total_parameters"] if table else None),
             f"{o.get('name', '-')} {sci(o.get('lr'))}", sci(o.get("weight_decay")), sched.get("name", "-"),
             t.get("batch_size", "-"), t.get("label_smoothing", "-"), rec[-1]["epoch"] if rec else 0,
-            f"**{percent(best['val/accuracy'])}** (epoch {best['epoch']})" if best else "-",
+            f"**{percent(best['accuracy'])}** (epoch {best['epoch']})" if best else "-",
+            weights_and_tta(best["weights"], best["tta"], short=True) if best else "-",
             number(rec[-1].get("val/loss")) if rec else "-", f"{sum(speed) / len(speed):,.0f}" if speed else "-"]
 
 
@@ -448,8 +494,10 @@ def section_full_training(ctx: Loaded, figs: Figures, s: Section):
         return s.missing_input("no training run (a run folder with metrics.jsonl, not an overfit run)",
                                "python recipes/train.py --output checkpoints/recommended")
     s.table(["run", "parameters", "optimizer lr", "weight decay", "scheduler", "batch", "label smoothing",
-             "epochs", "best val acc", "final val loss", "img/s"],
-            [_full_run_summary(ctx, r) for r in runs], right=(1, 5, 6, 7, 8, 9, 10))
+             "epochs", "best val acc", "weights, TTA", "final val loss", "img/s"],
+            [_full_run_summary(ctx, r) for r in runs], right=(1, 5, 6, 7, 8, 10, 11))
+    s.add("Best val accuracy: with train.ema the better of the raw and the EMA weights' (as best.safetensors keeps "
+          "them), measured with the TTA of the run's evaluations (train.tta); column weights, TTA says which.", "")
     for run in runs:
         s.add(f"### {run['name']}", "", f"`{run['path']}`: {_settings(run['config'])}.", "")
         if not run["metrics"]:
@@ -459,7 +507,8 @@ def section_full_training(ctx: Loaded, figs: Figures, s: Section):
         extra = (run.get("meta") or {}).get("extra") or {}
         if run.get("checkpoint") and extra.get("val_accuracy") is not None:
             s.add(f"Best checkpoint `{run['checkpoint'].name}`: epoch {extra.get('epoch')}, val accuracy "
-                  f"{percent(extra['val_accuracy'])} on split `{extra.get('val_split', 'val')}`.", "")
+                  f"{percent(extra['val_accuracy'])} on split `{extra.get('val_split', 'val')}` "
+                  f"({weights_and_tta(_checkpoint_weights(extra), extra.get('tta'))}).", "")
     if len(runs) > 1:
         s.add("### Comparison", "", plot_comparison(figs, runs), "")
 
@@ -471,10 +520,17 @@ def section_evaluation(ctx: Loaded, figs: Figures, s: Section, top: int = 5):
         return s.missing_input("no evaluation JSON",
                                "python recipes/evaluate.py --checkpoint checkpoints/recommended/best.safetensors "
                                "--split test --json checkpoints/test.json")
-    s.table(["evaluation", "split", "images", "top-1", "top-5", "loss", "checkpoint"],
+    def evaluated_weights(e):
+        meta = (ctx.evaluated_run(e) or {}).get("meta") or checkpoint_metadata(e.get("checkpoint"))
+        return _checkpoint_weights(meta.get("extra") or {}) if meta else None
+
+    s.table(["evaluation", "split", "images", "top-1", "top-5", "loss", "weights, TTA", "checkpoint"],
             [[f"`{e['_name']}`", f"`{e.get('split')}`", count(e.get("num_samples", 0)),
               f"**{percent(e.get('accuracy'))}**", percent(e.get("top5")), number(e.get("loss")),
+              weights_and_tta(evaluated_weights(e), e.get("tta"), short=True),
               f"`{e.get('checkpoint', '-')}`"] for e in ctx.evaluations], right=(2, 3, 4, 5))
+    s.add("Weights: the evaluated checkpoint's (its metadata: raw, or EMA with train.ema; ? when the checkpoint "
+          "was not found); TTA: the evaluation's own (`recipes/evaluate.py --tta flip`).", "")
     for e in ctx.evaluations:
         if len(ctx.evaluations) > 1:
             s.add(f"### {e['_name']}", "")
@@ -486,7 +542,8 @@ def section_evaluation(ctx: Loaded, figs: Figures, s: Section, top: int = 5):
         if extra.get("val_accuracy") is not None:
             origin = f"run `{run['name']}`" if run else f"`{e.get('checkpoint')}`"
             s.add(f"The checkpoint comes from {origin} (epoch {extra.get('epoch')}), chosen with "
-                  f"{percent(extra['val_accuracy'])} on `{extra.get('val_split', 'val')}`.", "")
+                  f"{percent(extra['val_accuracy'])} on `{extra.get('val_split', 'val')}` "
+                  f"({weights_and_tta(_checkpoint_weights(extra), extra.get('tta'))}).", "")
             if extra.get("val_split") == e.get("split"):
                 s.add(f"> **caution:** the checkpoint was chosen on `{e.get('split')}`, the split evaluated here: "
                       "this accuracy is a validation figure, not a test result.", "")
@@ -508,8 +565,8 @@ def section_reproducibility(ctx: Loaded, figs: Figures, s: Section, command: Opt
     # (name, run.json, seed) of every training run, of one run per grid search, of the checks and LR finders
     infos = [(r["name"], r["info"], (((r.get("config") or {}).get("train") or {}).get("seed", "-")))
              for r in runs if r.get("info")]
-    infos += [(f"grid search {g['name']} (its first run)", g["run_info"], (g.get("base") or {}).get("seed", "-"))
-              for g in ctx.grids if g.get("run_info")]
+    infos += [(f"grid search {g['name']} (its first run)", g["run_info"], _grid_seeds(g)) for g in ctx.grids
+              if g.get("run_info")]
     infos += [(f"checks {Path(path).name}", c["environment"], "-") for path, c in ctx.checks if c.get("environment")]
     infos += [(f"LR finder {r['name']}", r["environment"], "-") for r in ctx.lr_finders if r.get("environment")]
     main = ctx.main_run()
@@ -553,6 +610,12 @@ def section_reproducibility(ctx: Loaded, figs: Figures, s: Section, command: Opt
     from ... import __version__
     s.add(f"Written {time.strftime('%Y-%m-%d %H:%M:%S %z')} by tinycnn {__version__}; its figures are in "
           "`figures/`.", "")
+
+
+def _grid_seeds(g: Dict[str, Any]) -> Any:
+    """The seed of a grid's runs, or its seeds (grid.seeds: one run per seed)."""
+    seeds = sorted({r["seed"] for r in g["rows"] if r.get("seed") is not None})
+    return ", ".join(map(str, seeds)) if seeds else (g.get("base") or {}).get("seed", "-")
 
 
 def _versions_table(s: Section, infos):
