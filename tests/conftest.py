@@ -13,6 +13,7 @@ they check (DDP, a signal through a launcher, a lock held elsewhere, a fresh int
 import contextlib
 import importlib.util
 import io
+import multiprocessing
 import os
 import subprocess
 import sys
@@ -23,6 +24,14 @@ import pytest
 import synthetic
 
 REPO = Path(__file__).resolve().parents[1]
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `pytest -n 2`: a worker holds execnet's threads (and a test's HTTP server thread), and a loader worker forked
+    # from such a process can wait forever on a message that never comes. A forkserver is a fresh single-threaded
+    # process to fork them from (preloaded, so each starts in a fraction of a second); tests about the start
+    # methods themselves set theirs in a process of their own.
+    multiprocessing.set_start_method("forkserver", force=True)
+    multiprocessing.set_forkserver_preload(["torch", "tinycnn"])
 
 
 def sample_data_dir():
@@ -35,7 +44,12 @@ def has_real_sample():
 
 
 def pytest_collection_modifyitems(config, items):
-    """Without the real sample, the tests marked real_data skip, each with the same reason."""
+    """The files with the most long runs first (so that `pytest -n 2`, which hands out whole files, starts them
+    at once instead of ending on them); without the real sample, the tests marked real_data skip."""
+    slow_tests = {}
+    for item in items:
+        slow_tests[item.path] = slow_tests.get(item.path, 0) + bool(item.get_closest_marker("slow"))
+    items.sort(key=lambda item: -slow_tests[item.path])  # stable: a file's own order stays
     if has_real_sample():
         return
     skip = pytest.mark.skip(reason=f"real Tiny ImageNet sample not found at {sample_data_dir()}: set "

@@ -488,7 +488,8 @@ def test_two_processes_evaluate_and_save_one_average(tiny_shards, tmp_path, run_
     repo = Path(__file__).resolve().parents[1]
     out = tmp_path / "run"
     launch = [str(Path(sys.executable).parent / "accelerate"), "launch", "--num_processes", "2", "--cpu",
-              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+              "--main_process_port", "0"]  # a free port: other tests may train beside this one
     args = ["recipes/train.py", "--data", str(tiny_shards), "--output", str(out), "--no-progress",
             "stage_channels=[8,16,32]", "stage_repeats=[1,1,1]", "train.batch_size=6", "train.epochs=2",
             "data.num_workers=0", "data.shuffle_buffer=16", "train.ema=true", "train.ema_decay=0.6",

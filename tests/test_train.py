@@ -30,7 +30,8 @@ def metrics(run_dir):
 
 def accelerate_launch(n):
     return [str(Path(sys.executable).parent / "accelerate"), "launch", "--num_processes", str(n), "--cpu",
-            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+            "--main_process_port", "0"]  # a free port: other tests may train beside this one
 
 
 @pytest.fixture(scope="module")
