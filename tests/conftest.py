@@ -26,7 +26,10 @@ import synthetic
 REPO = Path(__file__).resolve().parents[1]
 
 if os.environ.get("PYTEST_XDIST_WORKER"):
-    # `pytest -n 2`: a worker holds execnet's threads (and a test's HTTP server thread), and a loader worker forked
+    # `pytest -n N`: N tests at once, each (and each process it starts) on one thread: the tests' tensors are tiny,
+    # and a second thread mostly spins waiting for work that another test could have done
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    # a worker holds execnet's threads (and a test's HTTP server thread), and a loader worker forked
     # from such a process can wait forever on a message that never comes. A forkserver is a fresh single-threaded
     # process to fork them from (preloaded, so each starts in a fraction of a second); tests about the start
     # methods themselves set theirs in a process of their own.
