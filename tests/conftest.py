@@ -46,13 +46,16 @@ def has_real_sample():
     return (sample_data_dir() / synthetic.ZIP_NAME).is_file()
 
 
+# The files that take longest, longest first (`pytest --durations`): `pytest -n 2` hands out whole files in
+# collection order, and one of these handed out last would keep one worker busy long after the other is done.
+LONGEST_FILES = ["test_train.py", "test_grid.py", "test_multinode.py", "test_spawn.py", "test_recipe_options.py",
+                 "test_report.py", "test_runs.py", "test_prepare.py", "test_group_signal.py"]
+
+
 def pytest_collection_modifyitems(config, items):
-    """The files with the most long runs first (so that `pytest -n 2`, which hands out whole files, starts them
-    at once instead of ending on them); without the real sample, the tests marked real_data skip."""
-    slow_tests = {}
-    for item in items:
-        slow_tests[item.path] = slow_tests.get(item.path, 0) + bool(item.get_closest_marker("slow"))
-    items.sort(key=lambda item: -slow_tests[item.path])  # stable: a file's own order stays
+    """The longest files first; without the real sample, the tests marked real_data skip."""
+    rank = {name: i for i, name in enumerate(LONGEST_FILES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: a file's own order stays
     if has_real_sample():
         return
     skip = pytest.mark.skip(reason=f"real Tiny ImageNet sample not found at {sample_data_dir()}: set "
