@@ -178,7 +178,8 @@ def test_outside_torchrun_nothing_is_resumed(tmp_path, monkeypatch):
 # ============================================================================= end to end (real processes)
 
 @pytest.mark.slow
-@pytest.mark.parametrize("served, per_node", [("folder", 1), ("http", 1), ("folder", 2)])
+# a folder with 2 processes a node and a URL with 1 cover folder-with-1 as well
+@pytest.mark.parametrize("served, per_node", [("http", 1), ("folder", 2)])
 def test_two_nodes_on_loopback_train_into_one_run_folder(sample_shards, tmp_path, served, per_node):
     out = tmp_path / "run"
     with contextlib.ExitStack() as stack:
