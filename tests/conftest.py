@@ -52,6 +52,19 @@ LONGEST_FILES = ["test_train.py", "test_grid.py", "test_multinode.py", "test_spa
                  "test_report.py", "test_runs.py", "test_prepare.py", "test_group_signal.py"]
 
 
+@pytest.hookimpl(optionalhook=True)  # pytest-xdist's hook: without it installed, nothing to do
+def pytest_xdist_make_scheduler(config, log):
+    """`pytest -n N`: a worker takes whole files (a file's tests share its fixtures: the two-process training, the
+    grid, the report's project), in collection order (xdist's default, by test count, would hand the longest last).
+    --dist load (the default with -n) becomes this; another --dist stays as given."""
+    if config.getoption("dist") == "load":
+        from xdist.scheduler import LoadFileScheduling
+
+        config.option.loadscopereorder = False
+        return LoadFileScheduling(config, log)
+    return None
+
+
 def pytest_collection_modifyitems(config, items):
     """The longest files first; without the real sample, the tests marked real_data skip."""
     rank = {name: i for i, name in enumerate(LONGEST_FILES)}
