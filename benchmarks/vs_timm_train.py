@@ -139,15 +139,19 @@ def evaluate(weights: Path, out: Path, args) -> dict:
     return results
 
 
-def fresh(out: Path):
-    """A run folder without a finished run (no wall.json) is trained again from scratch."""
-    if out.exists() and not (out / "wall.json").is_file():
-        shutil.rmtree(out)
+def fresh(out: Path, marker: str):
+    """A run folder without a finished run (no wall.json) is trained again from scratch: deleted when it is empty or
+    holds `marker` (train.py's config.yaml, timm's args.yaml), refused when it holds anything else."""
+    if not out.is_dir() or (out / "wall.json").is_file():
+        return
+    if any(out.iterdir()) and not (out / marker).is_file():
+        raise SystemExit(f"vs_timm_train.py: error: {out} holds files this script did not write: choose another --out")
+    shutil.rmtree(out)
 
 
 def run_tinycnn(seed: int, cfg, overrides: list, args) -> dict:
     out = Path(args.out) / f"tinycnn-s{seed}"
-    fresh(out)
+    fresh(out, "config.yaml")
     if not out.exists():
         command = [sys.executable, str(REPO / "recipes" / "train.py"), "--config", args.config, "--data", args.data,
                    "--output", str(out), "--no-progress", "--no-download", f"train.seed={seed}", *overrides]
@@ -205,7 +209,7 @@ def timm_epoch_train_seconds(log: Path) -> dict:
 
 def run_timm(seed: int, cfg, num_classes: int, args) -> dict:
     out = Path(args.out) / f"timm-s{seed}"
-    fresh(out)
+    fresh(out, "args.yaml")
     if not out.exists():
         command = [sys.executable, str(Path(args.timm_scripts) / "train.py"), "--device-modules", "tinycnn",
                    "--dataset", "wds/tiny", "--data-dir", args.data, "--train-split", "train", "--val-split", "val",
