@@ -11,10 +11,12 @@ is about the real images themselves are marked `real_data` and skip with a reaso
 they check (DDP, a signal through a launcher, a lock held elsewhere, a fresh interpreter).
 """
 import contextlib
+import ctypes
 import importlib.util
 import io
 import multiprocessing
 import os
+import platform
 import subprocess
 import sys
 from pathlib import Path
@@ -24,6 +26,24 @@ import pytest
 import synthetic
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def keep_freed_memory_in_the_heap():
+    """glibc gives every freed block over 32 MB (a batch's activations) back to the kernel and faults it in again on
+    the next step: a third of a small CPU training's time went to page faults. Kept in the heap instead, the tests
+    that train use about a quarter less CPU. For this process (mallopt) and every process it starts (glibc reads
+    the same settings from the environment); elsewhere than glibc, nothing to do."""
+    if not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc":
+        return
+    os.environ.setdefault("MALLOC_MMAP_MAX_", "0")  # no block of its own for large allocations
+    os.environ.setdefault("MALLOC_TRIM_THRESHOLD_", str(1 << 30))  # nor the heap's top, up to 1 GB
+    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # <malloc.h>
+    libc = ctypes.CDLL(None)
+    libc.mallopt(M_MMAP_MAX, int(os.environ["MALLOC_MMAP_MAX_"]))
+    libc.mallopt(M_TRIM_THRESHOLD, int(os.environ["MALLOC_TRIM_THRESHOLD_"]))
+
+
+keep_freed_memory_in_the_heap()
 
 if os.environ.get("PYTEST_XDIST_WORKER"):
     # `pytest -n N`: N tests at once, each (and each process it starts) on one thread: the tests' tensors are tiny,
