@@ -68,8 +68,8 @@ def has_real_sample():
 
 # The files that take longest, longest first (`pytest --durations`): `pytest -n 2` hands out whole files in
 # collection order, and one of these handed out last would keep one worker busy long after the other is done.
-LONGEST_FILES = ["test_train.py", "test_grid.py", "test_multinode.py", "test_spawn.py", "test_recipe_options.py",
-                 "test_report.py", "test_runs.py", "test_prepare.py", "test_group_signal.py"]
+LONGEST_FILES = ["test_train.py", "test_grid.py", "test_multinode.py", "test_ci_gpu.py", "test_spawn.py",
+                 "test_recipe_options.py", "test_report.py", "test_runs.py", "test_prepare.py", "test_group_signal.py"]
 
 
 @pytest.hookimpl(optionalhook=True)  # pytest-xdist's hook: without it installed, nothing to do

@@ -178,13 +178,17 @@ def test_outside_torchrun_nothing_is_resumed(tmp_path, monkeypatch):
 # ============================================================================= end to end (real processes)
 
 @pytest.mark.slow
-# a folder with 2 processes a node and a URL with 1 cover folder-with-1 as well
+# a URL with 1 process a node; a folder with 2, not prepared yet: the job prepares it once, then trains (these two
+# cover a prepared folder with 1 as well)
 @pytest.mark.parametrize("served, per_node", [("http", 1), ("folder", 2)])
-def test_two_nodes_on_loopback_train_into_one_run_folder(sample_shards, tmp_path, served, per_node):
+def test_two_nodes_on_loopback_train_into_one_run_folder(sample_shards, sample_zip, tmp_path, served, per_node):
     out = tmp_path / "run"
     with contextlib.ExitStack() as stack:
-        data = stack.enter_context(serve(sample_shards)) if served == "http" else str(sample_shards)
-        results = run_nodes(["recipes/train.py", "--data", data, "--output", str(out), "train.epochs=1", *TINY],
+        if served == "http":
+            data = [stack.enter_context(serve(sample_shards))]
+        else:  # missing: the global main process prepares it from data.source while the others wait
+            data = [str(tmp_path / "shards"), f"data.source={sample_zip}"]
+        results = run_nodes(["recipes/train.py", "--data", *data, "--output", str(out), "train.epochs=1", *TINY],
                             processes=2 * per_node)
     for code, text in results:
         assert code == 0, text[-3000:]
@@ -192,19 +196,10 @@ def test_two_nodes_on_loopback_train_into_one_run_folder(sample_shards, tmp_path
     rows = metrics(out)
     # 256 images, 32 per process, 2 or 4 processes (1 or 2 per node): 4 or 2 steps, logged once
     assert [r["epoch"] for r in rows] == [1] and rows[0]["step"] == 256 // (32 * 2 * per_node)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == (["run"] if served == "http" else ["run", "shards"])
     assert (out / "best.safetensors").is_file()
-
-
-@pytest.mark.slow
-def test_two_nodes_prepare_missing_data_once(sample_zip, tmp_path):
-    data, out = tmp_path / "shards", tmp_path / "run"
-    results = run_nodes(["recipes/train.py", "--data", str(data), f"data.source={sample_zip}", "--output", str(out),
-                         "train.epochs=1", *TINY])
-    for code, text in results:
-        assert code == 0, text[-3000:]
-    assert (data / "manifest.json").is_file() and len(metrics(out)) == 1
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["run", "shards"]
+    if served == "folder":
+        assert (tmp_path / "shards" / "manifest.json").is_file()
 
 
 @pytest.mark.slow

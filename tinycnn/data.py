@@ -459,10 +459,15 @@ class ShardLoader:
             return None
         return os.getpid()
 
-    def close(self):
-        """Stop the worker processes now (they start again on the next iteration)."""
+    def close(self, kill: bool = False):
+        """Stop the worker processes now (they start again on the next iteration). kill: without asking them to
+        finish their batch first (a loader nobody holds: its batches are nobody's)."""
         if self._loader is not None and self._loader._iterator is not None:
             iterator = self._loader._iterator
+            if kill and not hasattr(iterator, "_pin_memory_thread"):  # (a worker killed mid-batch could leave
+                # the pinning thread a half-written batch to wait for forever)
+                for worker in getattr(iterator, "_workers", ()):
+                    worker.kill()
             # torch stops persistent workers only when its iterator is garbage, which an iterator still
             # held anywhere (an abandoned epoch) prevents
             iterator._shutdown_workers()
@@ -477,9 +482,10 @@ class ShardLoader:
     def __del__(self):
         # dropped without close(): torch's own clean-up waits 5 s for a worker, then sends the SIGTERM the workers
         # ignore; a worker still busy (a loaded host, a slow spawn start) would then outlive its loader and make
-        # multiprocessing's exit wait for it forever
+        # multiprocessing's exit wait for it forever. Killed at once instead: this runs on whatever thread the
+        # garbage collector is on, and waiting here stalled a new loader's start for 5 s a worker.
         if self.num_workers and self._loader is not None:
-            self.close()
+            self.close(kill=True)
 
 
 def default_num_workers() -> int:
