@@ -371,7 +371,7 @@ def run_main(fn) -> int:
 def die_with_launcher():
     """Get SIGTERM when the parent process dies (Linux): `accelerate launch` and torchrun die on SIGTERM
     without passing it on, which left the trainer orphaned and training. Our SIGTERM handler then saves
-    resumable state and stops. The setting survives the exec into torchrun (relaunch_multi_cpu)."""
+    resumable state and stops. The agent of relaunch_multi_cpu is this process, so it holds there too."""
     if not sys.platform.startswith("linux"):
         return
     PR_SET_PDEATHSIG = 1
@@ -467,7 +467,8 @@ def relaunch_multi_cpu():
     --main_process_port P] script.py` run N processes (N/M on each of M machines).
 
     accelerate's launcher runs a --cpu job as ONE process whatever --num_processes and --num_machines say (its
-    multi-CPU path needs mpirun). Here the script re-executes itself under torchrun: N processes on one machine
+    multi-CPU path needs mpirun). Here that process becomes torchrun's agent and starts the script under it: N
+    processes on one machine
     (--standalone), or this machine's N/M of a job that spans M machines (torchrun --nnodes M --node_rank R
     --master_addr IP --master_port P, the same command on every machine); accelerate then sees MULTI_CPU and uses
     gloo. Other launches are left alone.
@@ -481,4 +482,17 @@ def relaunch_multi_cpu():
              f"{layout['num_processes'] // layout['num_machines']} processes here" if layout["num_machines"] > 1
              else f"{layout['num_processes']} CPU processes")
     print(f"accelerate launch --cpu starts one process; starting {where} (gloo) with torchrun", file=sys.stderr)
-    os.execv(sys.executable, [sys.executable, "-m", "torch.distributed.run", *options, *sys.argv])
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import main as torchrun
+
+    # torchrun's agent in this process, as `python -m torch.distributed.run` would run it: torch is imported
+    # here already, and a fresh interpreter would import it again (seconds of CPU on every machine)
+    try:
+        torchrun([*options, *sys.argv])
+    except SignalException as e:  # Ctrl-C, SIGTERM: passed on to the processes, which said what they saved
+        raise SystemExit(128 + int(e.sigval)) from None
+    except ChildFailedError as e:  # they said why; torchrun's table says which (without its traceback)
+        print(e.format_msg(), file=sys.stderr)
+        raise SystemExit(1) from None
+    raise SystemExit(0)
