@@ -311,11 +311,10 @@ def test_cli_holdout_0(sample_zip, truth, tmp_path):
     assert all(label == wnids.index(source[k][1]) for k, (_, label, _) in keys.items())
 
 
-@pytest.mark.slow
-def test_cli_missing_source_exits_2(tmp_path):
-    r = _run_cli(tmp_path / "nope.zip", "--out", tmp_path / "out")
-    assert r.returncode == 2
-    assert "source not found" in r.stderr and "nope.zip" in r.stderr and "Traceback" not in r.stderr
+def test_cli_missing_source_exits_2(tmp_path, capsys):
+    assert main([str(tmp_path / "nope.zip"), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "source not found" in err and "nope.zip" in err and "Traceback" not in err
     assert not (tmp_path / "out").exists()
 
 
