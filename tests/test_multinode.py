@@ -102,6 +102,45 @@ def test_the_launcher_command_line_gives_the_layout(monkeypatch):
         recipe_cli._accelerate_cpu_layout()
 
 
+def test_the_launched_process_runs_torchrun_and_ends_as_it_does(monkeypatch, capsys):
+    """torchrun's agent runs in the process accelerate started (no second interpreter importing torch again): the
+    script under it, its exit code; a signal or a failed rank ends it without torchrun's traceback."""
+    import signal as signals
+
+    import torch.distributed.run
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+    monkeypatch.setattr(recipe_cli, "die_with_launcher", lambda: None)
+    monkeypatch.setattr(recipe_cli, "_accelerate_cpu_layout", lambda: {
+        "num_processes": 2, "num_machines": 1, "machine_rank": 0, "main_process_ip": None, "main_process_port": None})
+    monkeypatch.setattr(sys, "argv", ["recipes/train.py", "--data", "d"])
+    calls = []
+    outcomes = iter([None, SignalException("got signal: 2", sigval=signals.SIGINT),
+                     ChildFailedError("recipes/train.py", {0: _failure()})])
+
+    def torchrun(args):
+        calls.append(args)
+        outcome = next(outcomes)
+        if outcome is not None:
+            raise outcome
+
+    monkeypatch.setattr(torch.distributed.run, "main", torchrun)
+    for code in (0, 130, 1):
+        with pytest.raises(SystemExit) as ended:
+            recipe_cli.relaunch_multi_cpu()
+        assert ended.value.code == code
+    assert calls == [["--standalone", "--nproc_per_node", "2", "recipes/train.py", "--data", "d"]] * 3
+    err = capsys.readouterr().err
+    assert "recipes/train.py FAILED" in err and "Traceback" not in err
+
+
+def _failure():
+    from torch.distributed.elastic.multiprocessing.errors import ProcessFailure
+
+    return ProcessFailure(local_rank=0, pid=1, exitcode=2, error_file="")
+
+
 # ============================================================================= restarts: whose folder is it
 
 def restart_env(monkeypatch, run_id, count=1):

@@ -6,6 +6,7 @@ import hashlib
 import json
 import multiprocessing
 import os
+import signal
 import subprocess
 import sys
 from collections import Counter
@@ -125,3 +126,6 @@ def test_a_loader_dropped_while_a_worker_is_busy_ends_its_workers(tiny_shards, m
     assert all(w.is_alive() for w in workers)
     del loader, batches
     assert not any(w.is_alive() for w in workers)
+    # killed at once, the idle one too: not asked to finish a batch nobody will read (torch's clean-up would wait
+    # 5 s for each, then 5 s more, on whatever thread the garbage collector happens to run)
+    assert [w.exitcode for w in workers] == [-signal.SIGKILL] * 2

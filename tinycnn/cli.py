@@ -468,10 +468,9 @@ def relaunch_multi_cpu():
 
     accelerate's launcher runs a --cpu job as ONE process whatever --num_processes and --num_machines say (its
     multi-CPU path needs mpirun). Here that process becomes torchrun's agent and starts the script under it: N
-    processes on one machine
-    (--standalone), or this machine's N/M of a job that spans M machines (torchrun --nnodes M --node_rank R
-    --master_addr IP --master_port P, the same command on every machine); accelerate then sees MULTI_CPU and uses
-    gloo. Other launches are left alone.
+    processes on one machine (--standalone), or this machine's N/M of a job that spans M machines (torchrun
+    --nnodes M --node_rank R --master_addr IP --master_port P, the same command on every machine); accelerate then
+    sees MULTI_CPU and uses gloo. Other launches are left alone.
     """
     die_with_launcher()
     layout = _accelerate_cpu_layout()
