@@ -17,6 +17,7 @@ STEPS = ["environment", "prepare", "cuda-tests", "benchmarks", "run:eager-stream
 @pytest.mark.slow
 @pytest.mark.skipif(shutil.which("bash") is None or sys.platform == "win32", reason="the GPU CI script is bash")
 def test_the_gpu_ci_script_runs_every_step_on_the_cpu(sample_zip, tmp_path):
+    pytest.importorskip("pytest_benchmark", reason="the benchmark step needs the dev extra: pip install -e \".[dev]\"")
     out = tmp_path / "out"
     # its own pytest (the benchmark step) is not a worker of this one; its figures are not measurements, so one
     # thread, as beside other tests
