@@ -109,7 +109,7 @@ def test_the_launched_process_runs_torchrun_and_ends_as_it_does(monkeypatch, cap
 
     import torch.distributed.run
     from torch.distributed.elastic.multiprocessing.api import SignalException
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
 
     monkeypatch.setattr(recipe_cli, "die_with_launcher", lambda: None)
     monkeypatch.setattr(recipe_cli, "_accelerate_cpu_layout", lambda: {
@@ -117,7 +117,7 @@ def test_the_launched_process_runs_torchrun_and_ends_as_it_does(monkeypatch, cap
     monkeypatch.setattr(sys, "argv", ["recipes/train.py", "--data", "d"])
     calls = []
     outcomes = iter([None, SignalException("got signal: 2", sigval=signals.SIGINT),
-                     ChildFailedError("recipes/train.py", {0: _failure()})])
+                     ChildFailedError("recipes/train.py", {0: ProcessFailure(0, pid=1, exitcode=2, error_file="")})])
 
     def torchrun(args):
         calls.append(args)
@@ -133,12 +133,6 @@ def test_the_launched_process_runs_torchrun_and_ends_as_it_does(monkeypatch, cap
     assert calls == [["--standalone", "--nproc_per_node", "2", "recipes/train.py", "--data", "d"]] * 3
     err = capsys.readouterr().err
     assert "recipes/train.py FAILED" in err and "Traceback" not in err
-
-
-def _failure():
-    from torch.distributed.elastic.multiprocessing.errors import ProcessFailure
-
-    return ProcessFailure(local_rank=0, pid=1, exitcode=2, error_file="")
 
 
 # ============================================================================= restarts: whose folder is it
@@ -217,8 +211,8 @@ def test_outside_torchrun_nothing_is_resumed(tmp_path, monkeypatch):
 # ============================================================================= end to end (real processes)
 
 @pytest.mark.slow
-# a URL with 1 process a node; a folder with 2, not prepared yet: the job prepares it once, then trains (these two
-# cover a prepared folder with 1 as well)
+# a URL with 1 process a node; a folder with 2, not prepared yet: the job prepares it once, then trains (a prepared
+# folder with 1 a node: the evaluation test below)
 @pytest.mark.parametrize("served, per_node", [("http", 1), ("folder", 2)])
 def test_two_nodes_on_loopback_train_into_one_run_folder(sample_shards, sample_zip, tmp_path, served, per_node):
     out = tmp_path / "run"
